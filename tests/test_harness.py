@@ -9,9 +9,9 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT
 
 import airbench_ssl as ab
-from conftest import ROOT
 
 TINY = ["--preset", "recipe", "--device", "cpu", "--width", "8", "--batch-size", "40", "--warmup-steps", "0", "--final-evals", "",
         "--download", "false", "--projector-hidden-dim", "64"]
