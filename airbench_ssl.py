@@ -486,6 +486,8 @@ class CifarResNet(nn.Module):
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+        # The reference swaps in a fresh conv1 after torchvision's init, so its stem keeps nn.Conv2d's default init.
+        self.conv1.reset_parameters()
 
     def forward(self, x):
         x = self.relu(self.bn1(self.conv1(x)))
@@ -1031,21 +1033,25 @@ def load_checkpoint(path, device):
         raise HarnessError(f"{path} is not an airbench-ssl checkpoint: {type(error).__name__}") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise HarnessError(f"{path} is not an airbench-ssl checkpoint (no '{CHECKPOINT_FORMAT}' marker)")
-    saved = checkpoint["config"]
+    saved = checkpoint.get("config")
+    if not isinstance(saved, dict) or not isinstance(checkpoint.get("state_dict"), dict) or any(
+            name not in saved for name in ("arch", "width", "projector_hidden_dim", "projector_out_dim")):
+        raise HarnessError(f"{path} is a damaged airbench-ssl checkpoint: its config or state_dict is missing")
     model = make_model(saved["arch"], saved["width"], saved["projector_hidden_dim"], saved["projector_out_dim"])
     try:
         model.load_state_dict(checkpoint["state_dict"])
     except RuntimeError as error:
         first = str(error).strip().splitlines()[0]
         raise HarnessError(f"{path} does not fit arch={saved['arch']} width={saved['width']}: {first}") from None
-    return model.to(device), saved
+    return model.to(device), dict(saved, run_id=checkpoint.get("run_id"))
 
 
 def eval_run(checkpoint_path, cfg, argv):
     device = resolve_device(cfg)
     model, saved = load_checkpoint(checkpoint_path, device)
     model_fields = ("arch", "width", "projector_hidden_dim", "projector_out_dim")
-    cfg = dataclasses.replace(cfg, **{name: saved[name] for name in model_fields})
+    # batch_size too: the table's Batch column is the model's training batch, not a knob of the evaluation
+    cfg = dataclasses.replace(cfg, **{name: saved[name] for name in model_fields + ("batch_size",)})
     data = load_cifar10(cfg.data_dir, device, cfg.download)
     generator = torch.Generator(device).manual_seed(cfg.seed)
     final = run_final_evals(model, data, cfg, generator, final_eval_names(cfg))
