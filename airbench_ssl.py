@@ -413,61 +413,42 @@ def augment(images_uint8, cfg, generator=None, size=32):
 # are torchvision's (tests load torchvision's state_dict and compare outputs), with the reference's CIFAR stem.
 
 
-class BasicBlock(nn.Module):
-    expansion = 1
+class Block(nn.Module):
+    """torchvision's BasicBlock (3x3, 3x3) or, with bottleneck, its Bottleneck (1x1, 3x3 with the stride, 1x1 to
+    4x the channels): same parameter names, so state_dicts interchange."""
 
-    def __init__(self, in_channels, channels, stride):
+    def __init__(self, in_channels, channels, stride, bottleneck):
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, channels, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(channels)
-        self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(channels)
+        out_channels = channels * (4 if bottleneck else 1)
+        convs = ([(in_channels, channels, 1, 1), (channels, channels, 3, stride), (channels, out_channels, 1, 1)]
+                 if bottleneck else [(in_channels, channels, 3, stride), (channels, channels, 3, 1)])
+        self.depth = len(convs)
+        for i, (cin, cout, kernel, conv_stride) in enumerate(convs, 1):
+            setattr(self, f"conv{i}", nn.Conv2d(cin, cout, kernel, conv_stride, kernel // 2, bias=False))
+            setattr(self, f"bn{i}", nn.BatchNorm2d(cout))
         self.relu = nn.ReLU(inplace=True)
-        self.downsample = shortcut(in_channels, channels, stride)
+        self.downsample = None
+        if stride != 1 or in_channels != out_channels:
+            self.downsample = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride, bias=False),
+                                            nn.BatchNorm2d(out_channels))
 
     def forward(self, x):
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
+        out = x
+        for i in range(1, self.depth + 1):
+            out = getattr(self, f"bn{i}")(getattr(self, f"conv{i}")(out))
+            out = self.relu(out) if i < self.depth else out
         return self.relu(out + (self.downsample(x) if self.downsample is not None else x))
 
 
-class Bottleneck(nn.Module):
-    expansion = 4
-
-    def __init__(self, in_channels, channels, stride):
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, channels, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(channels)
-        self.conv2 = nn.Conv2d(channels, channels, 3, stride, 1, bias=False)  # stride on the 3x3, as torchvision
-        self.bn2 = nn.BatchNorm2d(channels)
-        self.conv3 = nn.Conv2d(channels, channels * 4, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(channels * 4)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = shortcut(in_channels, channels * 4, stride)
-
-    def forward(self, x):
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return self.relu(out + (self.downsample(x) if self.downsample is not None else x))
-
-
-def shortcut(in_channels, out_channels, stride):
-    if stride == 1 and in_channels == out_channels:
-        return None
-    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride, bias=False), nn.BatchNorm2d(out_channels))
-
-
-RESNET_LAYOUT = {"resnet18": (BasicBlock, (2, 2, 2, 2)), "resnet34": (BasicBlock, (3, 4, 6, 3)),
-                 "resnet50": (Bottleneck, (3, 4, 6, 3))}
+RESNET_LAYOUT = {"resnet18": (False, (2, 2, 2, 2)), "resnet34": (False, (3, 4, 6, 3)), "resnet50": (True, (3, 4, 6, 3))}
 
 
 class CifarResNet(nn.Module):
-    """Backbone: features before the (absent) fc layer; 512 * expansion * width / 64 dimensions."""
+    """Backbone: features before the (absent) fc layer: 8 * width dimensions (32 * width for resnet50)."""
 
     def __init__(self, arch, width=64):
         super().__init__()
-        block, depths = RESNET_LAYOUT[arch]
+        bottleneck, depths = RESNET_LAYOUT[arch]
         self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)  # CIFAR stem: 3x3 stride 1, no maxpool
         self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
@@ -475,8 +456,8 @@ class CifarResNet(nn.Module):
         for stage, depth in enumerate(depths):
             channels, blocks = width * 2**stage, []
             for i in range(depth):
-                blocks.append(block(in_channels, channels, 2 if (stage > 0 and i == 0) else 1))
-                in_channels = channels * block.expansion
+                blocks.append(Block(in_channels, channels, 2 if (stage > 0 and i == 0) else 1, bottleneck))
+                in_channels = channels * (4 if bottleneck else 1)
             stages.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.out_dim = in_channels
@@ -671,7 +652,8 @@ class Trainer:
         extra = {"fused": True} if device.type == "cuda" else {}
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=self.peak_lr, momentum=cfg.momentum,
                                          weight_decay=cfg.weight_decay, nesterov=cfg.nesterov, **extra)
-        self.forward = torch.compile(self.model) if use_compile else self.model
+        # dynamic=False: the last partial batch gets its own static graph (warmed up too), not a slower dynamic one
+        self.forward = torch.compile(self.model, dynamic=False) if use_compile else self.model
         self.steps_per_epoch = n_train // cfg.batch_size if cfg.drop_last else math.ceil(n_train / cfg.batch_size)
         if self.steps_per_epoch == 0:
             raise HarnessError(f"batch_size={cfg.batch_size} exceeds the {n_train} training images with drop_last")
@@ -880,6 +862,8 @@ def config_from_args(args, cuda_available):
                 overrides = json.load(f)
         except (OSError, json.JSONDecodeError) as error:
             raise HarnessError(f"cannot read config file {args.config}: {error}") from None
+        if not isinstance(overrides, dict):
+            raise HarnessError(f"config file {args.config} must hold a JSON object of field overrides")
         names = {f.name for f in dataclasses.fields(Config)}
         unknown = [k for k in overrides if not k.startswith("_") and k not in names]
         if unknown:
@@ -901,62 +885,54 @@ def train_run(cfg, argv):
     wall_start = time.perf_counter()
     device = resolve_device(cfg)
     if device.type == "cpu":
-        print("No CUDA GPU in use: running on the CPU. Times are not race times, and this run is not eligible for "
-              "the leaderboard." + (" (preset cpu_demo: a narrow ResNet18 on a training subset, ~5 min on 2 cores)"
-                                    if cfg.width == CPU_DEMO["width"] else ""))
+        print("No CUDA GPU in use: running on the CPU. Times are not race times, and this run is not eligible for the "
+              "leaderboard." + (" Preset cpu_demo: a narrow ResNet18 on a training subset, ~5 min on 2 cores."
+                                if cfg.width == CPU_DEMO["width"] else ""))
     torch.manual_seed(cfg.seed)
     generator = torch.Generator(device).manual_seed(cfg.seed)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.benchmark = device.type == "cuda"
 
     start = time.perf_counter()
     data = load_cifar10(cfg.data_dir, device, cfg.download)
     if cfg.train_subset:
-        data["train_images"] = data["train_images"][:cfg.train_subset]
-        data["train_labels"] = data["train_labels"][:cfg.train_subset]
+        data["train_images"], data["train_labels"] = (data[key][:cfg.train_subset] for key in
+                                                      ("train_images", "train_labels"))
     synchronize(device)
-    load_seconds = time.perf_counter() - start
-
+    untimed = dict(data_load=time.perf_counter() - start, warmup=0.0, knn_checks=0.0, final_eval=0.0)
     trainer = Trainer(cfg, device, len(data["train_images"]))
     start = time.perf_counter()
     trainer.warm_up()
-    warmup_seconds = time.perf_counter() - start
+    untimed["warmup"] = time.perf_counter() - start
 
-    reasons = ineligibility(cfg, device, data["report"])
-    schedule = check_epochs(cfg)
+    reasons, schedule, source = ineligibility(cfg, device, data["report"]), check_epochs(cfg), source_code()
     log_path = reserve_log_path(cfg)
-    source = source_code()
     log = dict(format="airbench-ssl-log/1", kind="train", run_id=os.path.basename(log_path)[:-5],
                created_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), argv=list(argv),
-               config=dataclasses.asdict(cfg),
-               code=dict(path="airbench_ssl.py", sha256=hashlib.sha256(source.encode("utf-8")).hexdigest(),
-                         source=source),
+               config=dataclasses.asdict(cfg), code=dict(path="airbench_ssl.py", source=source,
+                                                         sha256=hashlib.sha256(source.encode("utf-8")).hexdigest()),
                environment=environment_report(device), data=data["report"], eligible=not reasons,
                ineligible_reasons=reasons, timing=TIMING_STATEMENT, check_epochs=schedule, epochs=[],
-               untimed_seconds=dict(data_load=load_seconds, warmup=warmup_seconds, knn_checks=0.0, final_eval=0.0),
-               result=dict(status="running", reached_target=False, target_pct=cfg.target_pct, epochs_run=0,
-                           timed_seconds=0.0, time_to_target_seconds=None, knn_at_stop_pct=None, message=""),
-               final_eval=None, total_wall_seconds=0.0)
-    print("config: " + json.dumps(dataclasses.asdict(cfg)))
-    print(f"device: {device.type} {log['environment']['gpu_name'] or log['environment']['cpu']}, torch "
-          f"{torch.__version__}; data: {data['report']['data_dir']} ({'official' if data['report']['official'] else 'UNOFFICIAL'}); "
-          f"load {load_seconds:.1f} s, warm-up {warmup_seconds:.1f} s (untimed)")
-    print(f"kNN k={cfg.knn_k} checks after epochs {schedule[:8]}{' ...' if len(schedule) > 8 else ''}; "
-          f"target {cfg.target_pct}%; log: {log_path}")
-    print(TABLE_HEADER)
+               untimed_seconds=untimed, result=dict(target_pct=cfg.target_pct), final_eval=None)
+    rows = log["epochs"]
 
-    def finish(status, message):
-        result = log["result"]
-        result.update(status=status, message=message, epochs_run=log["epochs"][-1]["epoch"] if log["epochs"] else 0)
-        result["timed_seconds"] = log["epochs"][-1]["timed_seconds"] if log["epochs"] else 0.0
-        checks = [row["knn_pct"] for row in log["epochs"] if row["knn_pct"] is not None]
-        result["knn_at_stop_pct"] = checks[-1] if checks else None
-        result["reached_target"] = status == "reached_target"
-        result["time_to_target_seconds"] = result["timed_seconds"] if result["reached_target"] else None
+    def save(status, message=""):
+        checks = [row["knn_pct"] for row in rows if row["knn_pct"] is not None]
+        timed = rows[-1]["timed_seconds"] if rows else 0.0
+        log["result"].update(status=status, message=message, reached_target=status == "reached_target",
+                             epochs_run=rows[-1]["epoch"] if rows else 0, timed_seconds=timed,
+                             time_to_target_seconds=timed if status == "reached_target" else None,
+                             knn_at_stop_pct=checks[-1] if checks else None)
         log["total_wall_seconds"] = time.perf_counter() - wall_start
-        write_json_atomic(log_path, log)
+        write_json_atomic(log_path, log)  # after every epoch: a crash still leaves every finished epoch on disk
 
-    timed_seconds, last_loss, status = 0.0, None, "max_epochs"
+    save("running")
+    env, report = log["environment"], data["report"]
+    print("config: " + json.dumps(log["config"]))
+    print(f"device: {device.type} {env['gpu_name'] or env['cpu']}, torch {env['torch']}; data: {report['data_dir']} "
+          f"({'official' if report['official'] else 'UNOFFICIAL'}); load {untimed['data_load']:.1f} s, warm-up "
+          f"{untimed['warmup']:.1f} s (untimed)\nkNN k={cfg.knn_k} checks after epochs {schedule[:8]}"
+          f"{' ...' if len(schedule) > 8 else ''}; target {cfg.target_pct}%; log: {log_path}\n{TABLE_HEADER}")
+    status, timed_seconds = "max_epochs", 0.0
     try:
         for epoch in range(0 if schedule[0] == 0 else 1, cfg.epochs + 1):
             row = dict(epoch=epoch, loss=None, lr=None, epoch_seconds=0.0, timed_seconds=timed_seconds,
@@ -964,48 +940,46 @@ def train_run(cfg, argv):
             if epoch > 0:
                 synchronize(device)
                 start = time.perf_counter()
-                mean_loss, lr = trainer.train_epoch(epoch - 1, data["train_images"], generator)
+                mean_loss, row["lr"] = trainer.train_epoch(epoch - 1, data["train_images"], generator)
                 synchronize(device)
                 row["epoch_seconds"] = time.perf_counter() - start
                 timed_seconds += row["epoch_seconds"]
-                row.update(loss=mean_loss.item(), lr=lr, timed_seconds=timed_seconds)
-                last_loss = row["loss"]
-                if not math.isfinite(row["loss"]):
-                    log["epochs"].append(row)
-                    message = f"loss became {row['loss']} in epoch {epoch}; lower the learning rate or check the data"
-                    finish("failed", message)
-                    raise HarnessError(message + f" (log: {log_path})")
-            if epoch in schedule:
+                row.update(loss=mean_loss.item(), timed_seconds=timed_seconds)
+            if epoch in schedule and math.isfinite(row["loss"] if epoch else 0.0):
                 row["knn_pct"], row["knn_seconds"] = knn_check(trainer.model, data, cfg)
-                log["untimed_seconds"]["knn_checks"] += row["knn_seconds"]
-            log["epochs"].append(row)
+                untimed["knn_checks"] += row["knn_seconds"]
+            rows.append(row)
             print(format_row(row), flush=True)
+            if epoch and not math.isfinite(row["loss"]):
+                raise HarnessError(f"loss became {row['loss']} in epoch {epoch}; lower the learning rate or check "
+                                   "the data")
             if row["knn_pct"] is not None and row["knn_pct"] >= cfg.target_pct:
                 status = "reached_target"
                 break
-            write_json_atomic(log_path, log)  # a crash or power cut still leaves every finished epoch on disk
-    except KeyboardInterrupt:
-        finish("interrupted", "interrupted by the user")
-        raise HarnessError(f"interrupted; the epochs run so far are in {log_path}") from None
+            save("running")
+    except (KeyboardInterrupt, HarnessError, RuntimeError) as error:
+        interrupted = isinstance(error, KeyboardInterrupt)
+        message = "interrupted by the user" if interrupted else str(error).strip().splitlines()[0]
+        save("interrupted" if interrupted else "failed", message)
+        raise HarnessError(f"{message}; the epochs run so far are in {log_path}") from None
 
-    message = (f"reached {log['epochs'][-1]['knn_pct']:.2f}% >= {cfg.target_pct}% after epoch "
-               f"{log['epochs'][-1]['epoch']} in {timed_seconds:.2f} timed seconds" if status == "reached_target"
+    last = rows[-1]
+    message = (f"reached {last['knn_pct']:.2f}% >= {cfg.target_pct}% after epoch {last['epoch']} in "
+               f"{timed_seconds:.2f} timed seconds" if status == "reached_target"
                else f"did not reach {cfg.target_pct}% within {cfg.epochs} epochs")
-    finish(status, message)
+    save(status, message)
     print(("TARGET REACHED: " if status == "reached_target" else "TARGET NOT REACHED: ") + message)
-
     start = time.perf_counter()
-    final = run_final_evals(trainer.model, data, cfg, generator, final_eval_names(cfg))
-    final["loss_per_batch"] = last_loss
-    log["untimed_seconds"]["final_eval"] = time.perf_counter() - start
-    log["final_eval"] = final
+    log["final_eval"] = run_final_evals(trainer.model, data, cfg, generator, final_eval_names(cfg))
+    log["final_eval"]["loss_per_batch"] = next((r["loss"] for r in reversed(rows) if r["loss"] is not None), None)
+    untimed["final_eval"] = time.perf_counter() - start
     if cfg.save_checkpoint:
         save_checkpoint(cfg.save_checkpoint, trainer.model, cfg, log["run_id"])
-    finish(status, message)
-    untimed = ", ".join(f"{k} {v:.1f} s" for k, v in log["untimed_seconds"].items())
-    print(format_final_row(cfg, final))
-    print(f"timed {timed_seconds:.2f} s; untimed: {untimed}; total wall {log['total_wall_seconds']:.1f} s; "
-          f"{'eligible' if not reasons else 'NOT eligible: ' + '; '.join(reasons)}; log: {log_path}")
+    save(status, message)
+    print(format_final_row(cfg, log["final_eval"]))
+    verdict = "eligible" if not reasons else "NOT eligible: " + "; ".join(reasons)
+    print(f"timed {timed_seconds:.2f} s; untimed: {', '.join(f'{k} {v:.1f} s' for k, v in untimed.items())}; total "
+          f"wall {log['total_wall_seconds']:.1f} s; {verdict}; log: {log_path}")
     return log
 
 
@@ -1075,15 +1049,13 @@ def main(argv=None):
     args = parser.parse_args(argv[1:] if evaluating else argv)
     try:
         cfg = config_from_args(args, torch.cuda.is_available())
-        if evaluating:
-            eval_run(args.checkpoint, cfg, argv)
-        else:
-            log = train_run(cfg, argv)
-            if log["result"]["status"] == "failed":
-                return 1
+        eval_run(args.checkpoint, cfg, argv) if evaluating else train_run(cfg, argv)
     except HarnessError as error:
         print(f"airbench_ssl: error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("airbench_ssl: interrupted before training started; nothing was logged", file=sys.stderr)
+        return 130
     return 0
 
 
