@@ -174,19 +174,28 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DATA_DIRS = (os.path.join(HERE, "data"), os.path.join(HERE, "..", "shared", "data"))
 
 
+def _latin1_encode(text, encoding="latin1"):
+    """What Python 3 pickles of bytes at protocol 2 call (_codecs.encode), admitted for latin1 text only."""
+    if not isinstance(text, str) or encoding != "latin1":
+        raise pickle.UnpicklingError("refusing _codecs.encode other than of text to latin1")
+    return text.encode("latin1")
+
+
 class _CifarUnpickler(pickle.Unpickler):
     """Admits only what a CIFAR batch needs (numpy arrays): a crafted pickle cannot run code."""
 
-    # numpy 2 writes numpy._core; the official Python 2 files name numpy.core.
-    ALLOWED = {("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "_reconstruct"),
-               ("numpy", "ndarray"), ("numpy", "dtype")}
+    # numpy 2 writes numpy._core; the official Python 2 files name numpy.core; protocol 5 uses _frombuffer.
+    RECONSTRUCT = np.ndarray.__reduce__(np.zeros(1))[0]  # numpy's own _reconstruct, whatever its module's name
+    FROMBUFFER = np.zeros(1).__reduce_ex__(5)[0]
+    ALLOWED = {("numpy._core.multiarray", "_reconstruct"): RECONSTRUCT,
+               ("numpy.core.multiarray", "_reconstruct"): RECONSTRUCT,
+               ("numpy._core.numeric", "_frombuffer"): FROMBUFFER, ("numpy.core.numeric", "_frombuffer"): FROMBUFFER,
+               ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype, ("_codecs", "encode"): _latin1_encode}
 
     def find_class(self, module, name):
         if (module, name) not in self.ALLOWED:
             raise pickle.UnpicklingError(f"refusing to load {module}.{name}: not part of the CIFAR-10 format")
-        if name == "_reconstruct":
-            return np.ndarray.__reduce__(np.zeros(1))[0]  # numpy's own _reconstruct, whatever its module is called
-        return getattr(np, name)
+        return self.ALLOWED[module, name]
 
 
 def parse_cifar_batch(raw, name):
@@ -201,10 +210,14 @@ def parse_cifar_batch(raw, name):
     data, labels = batch.get("data"), batch.get("labels")
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
         raise HarnessError(f"{name}: 'data' must be a uint8 array of shape N x 3072")
-    labels = np.asarray(labels if labels is not None else [], dtype=np.int64)
-    if labels.shape != (data.shape[0],) or labels.min(initial=0) < 0 or labels.max(initial=0) > 9:
+    try:
+        labels = np.asarray(labels)
+    except ValueError:  # ragged nesting
+        labels = np.asarray(None)
+    if (labels.dtype.kind not in "iu" or labels.shape != (data.shape[0],) or labels.min(initial=0) < 0
+            or labels.max(initial=0) > 9):
         raise HarnessError(f"{name}: 'labels' must be {data.shape[0]} integers in 0..9")
-    return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), torch.from_numpy(labels)
+    return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), torch.from_numpy(labels.astype(np.int64))
 
 
 def find_cifar(data_dir):
@@ -346,16 +359,12 @@ def adjust_hue(x, shift):
     hue = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
     hue = torch.fmod(hue / 6.0 + 1.0, 1.0)
     hue = torch.where(same, torch.zeros_like(hue), hue)
-    hue = torch.remainder(hue + shift[:, None, None], 1.0)
-    i = torch.floor(hue * 6.0)
-    f = hue * 6.0 - i
-    i = i.to(torch.int64) % 6
-    p = (value * (1.0 - saturation)).clamp(0.0, 1.0)
-    q = (value * (1.0 - saturation * f)).clamp(0.0, 1.0)
-    t = (value * (1.0 - saturation * (1.0 - f))).clamp(0.0, 1.0)
-    table = torch.stack([torch.stack(c, 1) for c in ((value, q, p, p, t, value), (t, value, value, q, p, p),
-                                                     (p, p, t, value, value, q))], 1)  # (n, 3, 6, H, W)
-    return table.gather(2, i[:, None, None].expand(-1, 3, 1, -1, -1)).squeeze(2)
+    hue6 = torch.remainder(hue + shift[:, None, None], 1.0) * 6.0
+    chroma = value * saturation
+    # torchvision's six-sector table as one formula (within 1e-6 of it, no 6 x 3 x H x W table to gather from):
+    # channel = v - v s clamp(min(k, 4 - k), 0, 1) with k = (n + 6 h) mod 6, n = 5, 3, 1 for R, G, B
+    return torch.stack([value - chroma * torch.minimum(k, 4.0 - k).clamp(0.0, 1.0)
+                        for k in (torch.remainder(hue6 + n, 6.0) for n in (5.0, 3.0, 1.0))], 1)
 
 
 def blend(x, other, factor):
@@ -364,22 +373,31 @@ def blend(x, other, factor):
     return (factor * x + (1 - factor) * other).clamp(0.0, 1.0)
 
 
+def blend_step(x, op, factors):
+    """Per image: brightness (op 0), contrast (1), saturation (2) or nothing (-1). All three are one blend with a
+    different `other`, so one blend serves the whole batch; factor 1 returns x exactly."""
+    gray = grayscale(x)
+    op4 = op.view(-1, 1, 1, 1)
+    other = torch.where(op4 == 0, 0.0, torch.where(op4 == 1, gray.mean((1, 2, 3), keepdim=True), gray))
+    return blend(x, other, torch.where(op < 0, 1.0, factors.gather(1, op.clamp(min=0)[:, None]).squeeze(1)))
+
+
 def color_jitter(x, order, factors):
     """ColorJitter with per-sample op order (n, 4) (0 brightness, 1 contrast, 2 saturation, 3 hue) and factors
     (n, 4); an identity factor (1, 1, 1, 0) leaves an image untouched, which is how RandomApply skips it.
-    Each position computes every op for the whole batch and keeps the chosen one: no data-dependent shapes,
-    so no host syncs."""
-    for position in range(4):
-        op = order[:, position].view(-1, 1, 1, 1)
-        gray = grayscale(x)
-        candidates = (
-            blend(x, torch.zeros_like(x), factors[:, 0]),
-            blend(x, gray.mean(dim=(1, 2, 3), keepdim=True), factors[:, 1]),
-            blend(x, gray, factors[:, 2]),
-            torch.where(factors[:, 3].view(-1, 1, 1, 1) == 0, x, adjust_hue(x, factors[:, 3])),  # exact no-op
-        )
-        x = torch.where(op == 0, candidates[0], torch.where(op == 1, candidates[1],
-                        torch.where(op == 2, candidates[2], candidates[3])))
+    The hue, the costly op, runs once per image: each image's blends before it, then the hue, then the blends after
+    (3 + 1 + 3 batch steps, fixed shapes, so no host syncs; 4.5x faster on CPU than computing all four ops at each
+    of the four positions, bit-identical, tools/bench_augment.py)."""
+    hue_at = (order == 3).to(torch.int8).argmax(1, keepdim=True)
+    steps = torch.arange(3, device=x.device)
+    before = torch.where(steps < hue_at, order[:, :3], -1)
+    after_position = hue_at + 1 + steps
+    after = torch.where(after_position <= 3, order.gather(1, after_position.clamp(max=3)), -1)
+    for op in before.T:
+        x = blend_step(x, op, factors)
+    x = torch.where(factors[:, 3].view(-1, 1, 1, 1) == 0, x, adjust_hue(x, factors[:, 3]))  # exact no-op
+    for op in after.T:
+        x = blend_step(x, op, factors)
     return x
 
 

@@ -13,8 +13,8 @@ from conftest import ROOT
 
 import airbench_ssl as ab
 
-TINY = ["--preset", "recipe", "--device", "cpu", "--width", "8", "--batch-size", "40", "--warmup-steps", "0", "--final-evals", "",
-        "--download", "false", "--projector-hidden-dim", "64"]
+TINY = ["--preset", "recipe", "--device", "cpu", "--width", "8", "--batch-size", "40", "--warmup-steps", "0",
+        "--final-evals", "", "--download", "false", "--projector-hidden-dim", "64"]
 
 
 def run_main(root, tmp_path, *extra):

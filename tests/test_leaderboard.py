@@ -7,15 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import leaderboard as lb  # conftest puts tools/ on sys.path: tools are scripts that import siblings by name
 import numpy as np
 import pytest
 import scipy.stats
+import stats
 
 TOOLS = Path(__file__).resolve().parent.parent / "tools"
-sys.path.insert(0, str(TOOLS))  # tools are scripts that import their siblings by plain name
-
-import leaderboard as lb
-import stats
 
 SOURCE = "# stand-in for airbench_ssl.py\nprint('train')\n"
 CHECKS = [8, 10, 12, 14, 16, 18, 20]  # check_first_epoch 8, every 2, epochs 20
