@@ -21,14 +21,7 @@ import simclr_reference as ref  # noqa: E402
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "baselines", "*.json")))
 
 
-@pytest.fixture(autouse=True)
-def one_compute_thread():
-    """Tiny models gain nothing from a second OpenMP thread, and on a busy 2-core machine the threads' spinning
-    made these steps ~30x slower (measured: 10 s instead of 0.3 s for 2 steps at width 8)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_compute_thread")
 
 
 def test_there_is_a_config_for_every_published_row():
