@@ -24,6 +24,7 @@ import math
 import os
 import pickle
 import platform
+import signal
 import socket
 import subprocess
 import sys
@@ -977,7 +978,7 @@ def train_run(cfg, argv):
             save("running")
     except (KeyboardInterrupt, HarnessError, RuntimeError) as error:
         interrupted = isinstance(error, KeyboardInterrupt)
-        message = "interrupted by the user" if interrupted else str(error).strip().splitlines()[0]
+        message = "interrupted (Ctrl-C or SIGTERM)" if interrupted else str(error).strip().splitlines()[0]
         save("interrupted" if interrupted else "failed", message)
         raise HarnessError(f"{message}; the epochs run so far are in {log_path}") from None
 
@@ -1077,5 +1078,10 @@ def main(argv=None):
     return 0
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt  # a `timeout` or a job scheduler's SIGTERM is logged like Ctrl-C: status "interrupted"
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _interrupt)
     sys.exit(main())

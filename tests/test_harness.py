@@ -4,8 +4,10 @@ import dataclasses
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -195,3 +197,24 @@ def test_real_data_runs_end_to_end(real_cifar_root, tmp_path):
     assert code == 0
     assert logs[0]["data"]["train_images"] == 50000 and logs[0]["data"]["official"] is False
     assert 10 < logs[0]["epochs"][-1]["knn_pct"] < 100
+
+
+def test_sigterm_is_logged_as_an_interruption(fake_cifar_root, tmp_path):
+    log_dir = tmp_path / "logs"
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "airbench_ssl.py"), "--data-dir", fake_cifar_root,
+                             "--log-dir", str(log_dir), *TINY, "--epochs", "500", "--target-pct", "100"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # wait until the run has logged a finished epoch, then stop it
+            logs = list(log_dir.glob("*.json")) if log_dir.exists() else []
+            if logs and os.path.getsize(logs[0]) and json.load(open(logs[0]))["epochs"]:
+                break
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    log = json.load(open(logs[0]))
+    assert proc.returncode == 1 and "interrupted (Ctrl-C or SIGTERM)" in err
+    assert log["result"]["status"] == "interrupted" and len(log["epochs"]) >= 1
