@@ -603,14 +603,20 @@ def lin_augm_features(backbone, cfg, generator):
     return features_of
 
 
-def run_final_evals(model, data, cfg, generator, names):
-    """The reference's table: kNN k=5/k=10, lin precomp, lin augm, each with the seconds it took."""
+def backbone_features(model, data, cfg):
+    """-> (train features, test features) of the unaugmented images, as every evaluation uses them."""
+    return tuple(extract_features(model.backbone, data[key], cfg.eval_batch_size)
+                 for key in ("train_images", "test_images"))
+
+
+def run_final_evals(model, data, cfg, generator, names, features=None):
+    """The reference's table: kNN k=5/k=10, lin precomp, lin augm, each with the seconds it took. `features`:
+    those of the run's last kNN check, when the model has not changed since (no second extraction)."""
     results, seconds = {f"{name}_pct": None for name in FINAL_EVALS}, {}
     if not names:
         return dict(results, seconds=seconds)
     start = time.perf_counter()
-    train_feats = extract_features(model.backbone, data["train_images"], cfg.eval_batch_size)
-    test_feats = extract_features(model.backbone, data["test_images"], cfg.eval_batch_size)
+    train_feats, test_feats = features if features is not None else backbone_features(model, data, cfg)
     seconds["features"] = time.perf_counter() - start
     for name in names:
         start = time.perf_counter()
@@ -729,12 +735,11 @@ class Trainer:
 
 
 def knn_check(model, data, cfg):
-    """kNN k=knn_k test accuracy of the backbone, in %, and its (untimed) seconds."""
+    """kNN k=knn_k test accuracy of the backbone in %, its (untimed) seconds, and the features it used."""
     start = time.perf_counter()
-    train_feats = extract_features(model.backbone, data["train_images"], cfg.eval_batch_size)
-    test_feats = extract_features(model.backbone, data["test_images"], cfg.eval_batch_size)
+    train_feats, test_feats = features = backbone_features(model, data, cfg)
     accuracy = knn_accuracy(train_feats, data["train_labels"], test_feats, data["test_labels"], cfg.knn_k)
-    return accuracy, time.perf_counter() - start
+    return accuracy, time.perf_counter() - start, features
 
 
 #############################################
@@ -952,7 +957,7 @@ def train_run(cfg, argv):
           f"({'official' if report['official'] else 'UNOFFICIAL'}); load {untimed['data_load']:.1f} s, warm-up "
           f"{untimed['warmup']:.1f} s (untimed)\nkNN k={cfg.knn_k} checks after epochs {schedule[:8]}"
           f"{' ...' if len(schedule) > 8 else ''}; target {cfg.target_pct}%; log: {log_path}\n{TABLE_HEADER}")
-    status, timed_seconds = "max_epochs", 0.0
+    status, timed_seconds, check_features = "max_epochs", 0.0, None
     try:
         for epoch in range(0 if schedule[0] == 0 else 1, cfg.epochs + 1):
             row = dict(epoch=epoch, loss=None, lr=None, epoch_seconds=0.0, timed_seconds=timed_seconds,
@@ -966,7 +971,7 @@ def train_run(cfg, argv):
                 timed_seconds += row["epoch_seconds"]
                 row.update(loss=mean_loss.item(), timed_seconds=timed_seconds)
             if epoch in schedule and math.isfinite(row["loss"] if epoch else 0.0):
-                row["knn_pct"], row["knn_seconds"] = knn_check(trainer.model, data, cfg)
+                row["knn_pct"], row["knn_seconds"], check_features = knn_check(trainer.model, data, cfg)
                 untimed["knn_checks"] += row["knn_seconds"]
             rows.append(row)
             print(format_row(row), flush=True)
@@ -990,7 +995,8 @@ def train_run(cfg, argv):
     save(status, message)
     print(("TARGET REACHED: " if status == "reached_target" else "TARGET NOT REACHED: ") + message)
     start = time.perf_counter()
-    log["final_eval"] = run_final_evals(trainer.model, data, cfg, generator, final_eval_names(cfg))
+    # the run always ends on a check (the last epoch is scheduled), so its features are the final model's
+    log["final_eval"] = run_final_evals(trainer.model, data, cfg, generator, final_eval_names(cfg), check_features)
     log["final_eval"]["loss_per_batch"] = next((r["loss"] for r in reversed(rows) if r["loss"] is not None), None)
     untimed["final_eval"] = time.perf_counter() - start
     if cfg.save_checkpoint:

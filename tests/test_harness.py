@@ -218,3 +218,14 @@ def test_sigterm_is_logged_as_an_interruption(fake_cifar_root, tmp_path):
     log = json.load(open(logs[0]))
     assert proc.returncode == 1 and "interrupted (Ctrl-C or SIGTERM)" in err
     assert log["result"]["status"] == "interrupted" and len(log["epochs"]) >= 1
+
+
+def test_final_evaluation_reuses_the_last_checks_features(fake_cifar_root, tmp_path, monkeypatch):
+    extractions = []
+    real_features = ab.backbone_features
+    monkeypatch.setattr(ab, "backbone_features", lambda *a: extractions.append(1) or real_features(*a))
+    code, logs = run_main(fake_cifar_root, tmp_path, "--epochs", "2", "--check-first-epoch", "2", "--target-pct",
+                          "100", "--final-evals", "knn5,knn10")
+    assert code == 0 and len(extractions) == 1  # one check, and the final table did not extract again
+    final = logs[0]["final_eval"]
+    assert final["knn10_pct"] == logs[0]["epochs"][-1]["knn_pct"] and final["knn5_pct"] is not None
