@@ -27,6 +27,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import bench_throughput  # noqa: E402  (tools/ is on sys.path: this file's own folder)
+
 import airbench_ssl as ab  # noqa: E402
 
 TOOLS = os.path.dirname(os.path.abspath(__file__))
@@ -34,39 +36,18 @@ TOOLS = os.path.dirname(os.path.abspath(__file__))
 
 def timed(fn, device, repeats=5):
     """Median seconds of fn() over repeats, device synchronised around each call."""
-    times = []
-    for _ in range(repeats):
-        ab.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        ab.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(bench_throughput.timed(device, fn) for _ in range(repeats))
 
 
 def measure_peak(device, tiny):
-    """Measured, not nominal: the peak a real kernel reaches on this device, and copy bandwidth."""
+    """Measured, not nominal: the peak a real matmul reaches on this device (bench_throughput's), and copy bandwidth."""
     n = 1024 if tiny else 8192
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    torch.mm(a, b)
-    seconds = timed(lambda: torch.mm(a, b), device, repeats=10)
-    tflops = 2 * n**3 / seconds / 1e12
+    flops, description = bench_throughput.measured_peak_flops(device, n)
     nbytes = (16 if tiny else 1024) * 2**20
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     copy_seconds = timed(lambda: dst.copy_(src), device, repeats=10)
-    return dict(matmul_n=n, matmul_dtype=str(dtype), peak_tflops=tflops, copy_gb_per_s=2 * nbytes / copy_seconds / 1e9)
-
-
-def forward_flops_per_image(cfg):
-    """FLOPs of one image's forward pass (backbone + projector), counted once by torch's FLOP counter."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    model = ab.make_model(cfg.arch, cfg.width, cfg.projector_hidden_dim, cfg.projector_out_dim)
-    with FlopCounterMode(display=False) as counter:
-        model(torch.zeros(2, 3, 32, 32))
-    return counter.get_total_flops() / 2
+    return dict(matmul=description, peak_tflops=flops / 1e12, copy_gb_per_s=2 * nbytes / copy_seconds / 1e9)
 
 
 def time_harness(cfg, device, images, steps):
@@ -165,10 +146,10 @@ def main(argv=None):
 
     peak = measure_peak(device, args.tiny)
     report["peak"] = peak
-    say(f"measured peak: {peak['peak_tflops']:.1f} TFLOP/s ({peak['matmul_dtype']} {peak['matmul_n']}^3 matmul); "
+    say(f"measured peak: {peak['peak_tflops']:.1f} TFLOP/s ({peak['matmul']}); "
         f"copy {peak['copy_gb_per_s']:.0f} GB/s")
 
-    flops_image = forward_flops_per_image(base)
+    flops_image = bench_throughput.forward_flops(base.arch, base.width)
     report["forward_gflop_per_image"] = flops_image / 1e9
     say(f"forward: {flops_image / 1e9:.3f} GFLOP per image ({flops_image / 2e9:.3f} GMACs); a training step costs "
         "3 x forward x 2 views")
