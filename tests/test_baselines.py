@@ -1,5 +1,7 @@
-"""baselines/: the rebuilt reference script trains on CPU, is the same model as the harness's, and every named
-configuration of a published row passes the harness's validation and says what it reproduces."""
+"""baselines/: the rebuilt reference script feeds images as the cited reference version does by default (PIL
+transforms, ToTensor last, pinned memory, non_blocking copies) and as the older one with --variant, trains on CPU, is
+the same model as the harness's, and every named configuration of a published row passes the harness's validation
+and says what it reproduces."""
 
 import glob
 import json
@@ -12,6 +14,7 @@ import sys
 import pytest
 import torch
 from conftest import ROOT
+from PIL import Image
 
 import airbench_ssl as ab
 
@@ -31,7 +34,7 @@ def test_there_is_a_config_for_every_published_row():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
 def test_baseline_config_passes_harness_validation_and_matches_its_name(path):
-    cfg = ab.config_from_args(ab.build_parser().parse_args(["--config", path]), True)
+    cfg, _ = ab.config_from_args(ab.build_parser().parse_args(["--config", path]), True)
     name = os.path.basename(path)[:-5]
     assert name.startswith(cfg.arch)
     if match := re.search(r"_bs(\d+)", name):
@@ -70,52 +73,145 @@ def test_reference_model_is_the_harness_model(arch):
     assert h.shape == (2, 2048 if arch == "resnet50" else 512) and z.shape == (2, 128)
 
 
-@pytest.mark.parametrize("pil", [False, True])
-def test_reference_dataset_gives_two_different_float_views(pil):
+OLD = "2025-06-02"
+
+
+def test_default_variant_is_the_cited_reference_version():
+    assert ref.DEFAULT_VARIANT == "2025-07-28" and ref.VARIANTS[ref.DEFAULT_VARIANT].commits.startswith("781f889")
+    assert ref.build_parser().parse_args([]).variant == ref.DEFAULT_VARIANT
+    assert ref.build_parser().parse_args(["--variant", OLD]).variant == OLD
+    with pytest.raises(ab.HarnessError, match="unknown variant '2024'"):
+        ref.make_transform(0.1, "2024")
+
+
+class SpyTransform:
+    """Records what each view is drawn from, then applies the real transform."""
+
+    def __init__(self, transform):
+        self.transform, self.inputs = transform, []
+
+    def __call__(self, x):
+        self.inputs.append(x)
+        return self.transform(x)
+
+
+@pytest.mark.parametrize("variant", [ref.DEFAULT_VARIANT, OLD])
+def test_views_are_drawn_from_a_pil_image_by_default_and_from_a_tensor_in_the_old_variant(variant):
     images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
-    dataset = ref.ReferencePairs(images, torch.arange(4), ref.make_transform(0.1, pil), pil)
+    dataset = ref.make_dataset(images, torch.arange(4), 0.1, variant)
+    dataset.transform = spy = SpyTransform(dataset.transform)
+    torch.manual_seed(0)
+    views = [view for i in range(4) for view in dataset[i][:2]]
+    is_pil = [isinstance(x, Image.Image) for x in spy.inputs]
+    steps = spy.transform.transforms
+    if variant == ref.DEFAULT_VARIANT:
+        # PIL in, ToTensor last: every value of every view is a whole number of 1/255 steps (uint8 / 255)
+        assert all(is_pil) and len(is_pil) == 8 and isinstance(steps[-1], ref.T.ToTensor)
+        assert not any(isinstance(step, ref.T.ToTensor) for step in steps[:-1])
+        assert all(torch.equal((v * 255).round() / 255, v) for v in views)
+    else:
+        # a float tensor in [0, 1] in, no ToTensor in the view: bilinear resizing leaves values between the steps
+        assert not any(is_pil) and all(x.dtype == torch.float32 for x in spy.inputs)
+        assert not any(isinstance(step, ref.T.ToTensor) for step in steps)
+        assert any(not torch.equal((v * 255).round() / 255, v) for v in views)
+
+
+@pytest.mark.parametrize("variant", [ref.DEFAULT_VARIANT, OLD])
+def test_reference_dataset_gives_two_different_float_views(variant):
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    dataset = ref.make_dataset(images, torch.arange(4), 0.1, variant)
     torch.manual_seed(0)
     v1, v2, label = dataset[3]
     assert v1.dtype == v2.dtype == torch.float32 and v1.shape == v2.shape == (3, 32, 32) and label == 3
     assert 0 <= v1.min() and v1.max() <= 1 and not torch.equal(v1, v2)
-    gray = ref.ReferencePairs(images, torch.arange(4), ref.make_transform(1.0, pil), pil)[0][0]
+    gray = ref.make_dataset(images, torch.arange(4), 1.0, variant)[0][0]
     assert torch.allclose(gray[0], gray[1]) and torch.allclose(gray[1], gray[2])  # grayscale p=1: equal channels
 
 
-def test_identity_transform_path_is_to_tensor():
-    """Without augmentation, a view is ToTensor of the PIL image: uint8 / 255 in CHW order (the reference's input)."""
+def test_views_start_from_the_right_image_in_both_variants():
+    """Without augmentation a view is ToTensor of the stored image, uint8 / 255 in CHW order, in either order of
+    ToTensor and transforms, so the HWC array the PIL image is made from holds the image the right way round."""
     images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
-    identity = ref.T.Compose([])
-    tensor_view = ref.ReferencePairs(images, torch.zeros(2), identity)[1][0]
-    pil_view = ref.ReferencePairs(images, torch.zeros(2), ref.T.Compose([ref.T.ToTensor()]), pil=True)[1][0]
-    assert torch.equal(tensor_view, images[1].float() / 255) and torch.allclose(pil_view, tensor_view)
+    pil_view = ref.ReferencePairs(images, torch.zeros(2), ref.T.Compose([ref.T.ToTensor()]))[1][0]
+    tensor_view = ref.ReferencePairs(images, torch.zeros(2), ref.T.Compose([]), to_tensor_first=True)[1][0]
+    assert torch.equal(pil_view, images[1].float() / 255) and torch.equal(tensor_view, pil_view)
+
+
+def test_default_view_is_torchvisions_pil_pipeline_exactly():
+    """The same seed gives the same view as the reference's own chain: CIFAR10's Image.fromarray(HWC), then the
+    SSL transforms with ToTensor last; the old variant's tensor chain gives a different view from the same draws."""
+    images = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8)
+    steps = [ref.T.RandomResizedCrop(32, scale=(0.2, 1.0)), ref.T.RandomHorizontalFlip(),
+             ref.T.RandomApply([ref.T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), ref.T.RandomGrayscale(p=0.1)]
+    pil = Image.fromarray(images[0].permute(1, 2, 0).numpy())
+    torch.manual_seed(3)
+    expected = ref.T.Compose(steps + [ref.T.ToTensor()])(pil)
+    torch.manual_seed(3)
+    assert torch.equal(ref.make_dataset(images, torch.zeros(1), 0.1).transform(pil), expected)
+    torch.manual_seed(3)
+    assert not torch.equal(ref.make_dataset(images, torch.zeros(1), 0.1, OLD)[0][0], expected)
+
+
+@pytest.mark.parametrize(("variant", "device", "pinned"), [(ref.DEFAULT_VARIANT, "cuda", True),
+                                                           (ref.DEFAULT_VARIANT, "cpu", False), (OLD, "cuda", False)])
+def test_loader_is_the_reference_loader_and_pins_memory_where_the_variant_does(variant, device, pinned):
+    """Constructing a loader needs no GPU, so the CUDA configuration is checked on any machine."""
+    images = torch.zeros(10, 3, 32, 32, dtype=torch.uint8)
+    loader = ref.make_loader(ref.make_dataset(images, torch.zeros(10), 0.1, variant), 4, 2, torch.device(device),
+                             variant)
+    assert loader.pin_memory is pinned
+    assert (loader.batch_size, loader.num_workers, loader.drop_last, loader.persistent_workers) == (4, 2, False, False)
+    assert isinstance(loader.sampler, torch.utils.data.RandomSampler) and len(loader) == 3  # 4 + 4 + 2
+
+
+class CopyRecorder(torch.Tensor):
+    non_blocking: list[bool] = []
+
+    def to(self, *args, **kwargs):
+        CopyRecorder.non_blocking.append(kwargs.get("non_blocking", False))
+        return super().to(*args, **kwargs).as_subclass(torch.Tensor)
+
+
+@pytest.mark.parametrize(("variant", "non_blocking"), [(ref.DEFAULT_VARIANT, True), (OLD, False)])
+def test_views_are_copied_non_blocking_in_the_default_variant(variant, non_blocking):
+    torch.manual_seed(0)
+    model = ref.ReferenceSimCLR("resnet18", width=8)
+    optimizer, _ = ref.make_optimizer(model, batch_size=4, epochs=10)
+    CopyRecorder.non_blocking = []
+    batch = [torch.rand(4, 3, 32, 32).as_subclass(CopyRecorder) for _ in range(2)] + [torch.zeros(4)]
+    losses = ref.train_epoch(model, optimizer, [batch], torch.device("cpu"), variant)
+    assert CopyRecorder.non_blocking == [non_blocking, non_blocking] and len(losses) == 1
 
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_reference_trains_a_few_steps_on_cpu(fake_cifar_root, workers):
     data = ab.load_cifar10(fake_cifar_root, torch.device("cpu"))
-    dataset = ref.ReferencePairs(data["train_images"][:64], data["train_labels"][:64], ref.make_transform(0.1))
+    dataset = ref.make_dataset(data["train_images"][:64], data["train_labels"][:64], 0.1)
     torch.manual_seed(0)
     model = ref.ReferenceSimCLR("resnet18", width=8)
     before = [p.detach().clone() for p in model.parameters()]
     optimizer, _ = ref.make_optimizer(model, batch_size=16, epochs=10)
-    loader = ref.make_loader(dataset, 16, workers)
+    loader = ref.make_loader(dataset, 16, workers, torch.device("cpu"))
     with ref.threads_beside_workers(torch.device("cpu"), workers):
         losses = ref.train_epoch(model, optimizer, loader, torch.device("cpu"), max_steps=3)
     assert len(losses) == 3 and all(math.isfinite(x) and x > 0 for x in losses)
     assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
-def test_reference_script_end_to_end_on_cpu(fake_cifar_root, capsys):
+@pytest.mark.parametrize("variant", [ref.DEFAULT_VARIANT, OLD])
+def test_reference_script_end_to_end_on_cpu(fake_cifar_root, capsys, variant):
     args = ref.build_parser().parse_args(["--device", "cpu", "--width", "8", "--data-dir", fake_cifar_root,
                                           "--batch-size", "32", "--epochs", "2", "--workers", "0",
-                                          "--train-subset", "80"])
+                                          "--train-subset", "80", "--variant", variant])
     result = ref.run(args)
     assert result["steps"] == 2 * 3  # the last partial batch is kept, as the reference
     assert len(result["epoch_losses"]) == 2 and all(math.isfinite(x) for x in result["epoch_losses"])
     assert 0 <= result["knn5_pct"] <= 100 and 0 <= result["knn10_pct"] <= 100
     out = capsys.readouterr().out
     assert "epoch 1: loss" in out and "kNN (cosine) k=5" in out
+    assert f"({variant}, commits {ref.VARIANTS[variant].commits})" in out
+    assert ("transforms on PIL images" in out) is (variant == ref.DEFAULT_VARIANT)
+    assert "pinned memory off" in out  # nothing to pin for on the CPU
     # --steps stops early, mid-epoch
     args.steps, args.skip_eval = 3, True
     result = ref.run(args)
@@ -127,3 +223,11 @@ def test_reference_script_bad_input_is_one_line_and_nonzero(argv, capsys):
     assert ref.main(["--device", "cpu", "--width", "8", "--epochs", "1", *argv]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("simclr_reference: error:") and len(err.splitlines()) == 1
+
+
+def test_reference_script_unknown_variant_is_one_line_and_nonzero(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        ref.main(["--variant", "2024"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1
+    assert "--variant" in err and "2025-07-28" in err

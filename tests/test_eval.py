@@ -1,21 +1,37 @@
-"""Evaluation: kNN against sklearn, linear readouts, the frozen backbone of lin augm, final evals, checkpoints and
-the `eval` command."""
+"""Evaluation: the harness's kNN against sklearn; tools/evaluate.py's linear readouts (they learn, lin augm keeps
+the backbone frozen), its checkpoint loading (exact, weights-only, every bad file refused in one line) and its log."""
 
 import contextlib
 import dataclasses
 import glob
 import io
 import json
+import math
 import os
+import pickle
+import re
+import runpy
+import sys
+import time
 
+import evaluate as ev
 import numpy as np
 import pytest
 import torch
-import torchvision
-from conftest import synthetic_images
+import torch.nn as nn
+from conftest import ROOT, synthetic_images
 from sklearn.neighbors import KNeighborsClassifier
 
 import airbench_ssl as ab
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models on a shared 2-core machine: a second OpenMP thread only spins (see conftest.one_compute_thread)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
 
 
 def vote_features(seed, n_train=600, n_test=300, dim=16, dtype=np.float64):
@@ -73,28 +89,72 @@ def test_knn_predict_does_not_depend_on_block_size():
         assert torch.equal(ab.knn_predict(train, train_labels, test, 10, block_size=block_size), whole), block_size
 
 
-def linearly_separable(seed, n, dim=32):
-    """Features around 10 well-separated class means."""
-    generator = torch.Generator().manual_seed(seed)
+#############################################
+#              Linear readouts              #
+#############################################
+def gaussian_blobs(seed, n, dim=32):
+    """Features around 10 well-separated class means (the same means for every seed)."""
     means = torch.randn(10, dim, generator=torch.Generator().manual_seed(0)) * 3
     labels = torch.arange(n) % 10
-    return means[labels] + torch.randn(n, dim, generator=generator), labels
+    return means[labels] + torch.randn(n, dim, generator=torch.Generator().manual_seed(seed)), labels
 
 
-def test_linear_readout_learns_separable_features():
-    train_feats, train_labels = linearly_separable(seed=1, n=500)
-    test_feats, test_labels = linearly_separable(seed=2, n=200)
-    cfg = dataclasses.replace(ab.Config(), linear_epochs=20, linear_batch_size=50)
-    classifier = ab.train_linear(train_feats, train_labels, cfg, torch.Generator().manual_seed(0))
-    assert ab.linear_accuracy(classifier, test_feats, test_labels) > 95
-    # chance is 10%: the readout, not the data, does the work
-    untrained = torch.nn.Linear(32, 10)
-    assert ab.linear_accuracy(untrained, test_feats, test_labels) < 60
+def test_lin_precomp_readout_learns_separable_blobs():
+    (train, train_labels), (test, test_labels) = gaussian_blobs(1, 500), gaussian_blobs(2, 200)
+    readout = ev.Readout(lr=0.01, epochs=20, batch_size=50, weight_decay=5e-6)
+    assert ev.linear_accuracy(ev.train_linear(train, train_labels, readout, seed=0), test, test_labels) >= 95
+    # The blobs do not classify themselves: a readout that barely moves from its initialisation is far below.
+    still = ev.Readout(lr=1e-7, epochs=1, batch_size=50, weight_decay=0.0)
+    assert ev.linear_accuracy(ev.train_linear(train, train_labels, still, seed=0), test, test_labels) < 50
+
+
+COLOURS = torch.tensor([[r, g, b] for r in (30, 225) for g in (30, 225) for b in (30, 225)]
+                       + [[128, 128, 128], [225, 128, 30]], dtype=torch.float32)
+
+
+def colour_blob_images(n, seed):
+    """Images whose colour is a Gaussian blob around one of 10 class colours, with pixel noise."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 10
+    colour = COLOURS[labels] + 10 * torch.randn(n, 3, generator=generator)
+    pixels = colour[:, :, None, None] + 20 * torch.randn(n, 3, 32, 32, generator=generator)
+    return pixels.round().clamp(0, 255).to(torch.uint8), labels
+
+
+def colour_backbone():
+    """Random colour features with BatchNorm: enough to separate the class colours, and buffers that could move."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 32, 1), nn.BatchNorm2d(32), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
+@pytest.mark.parametrize("lr, expect_learned", [(0.1, True), (1e-7, False)])
+def test_lin_augm_readout_learns_separable_images(lr, expect_learned):
+    (train, train_labels), (test, test_labels) = colour_blob_images(200, 1), colour_blob_images(100, 2)
+    backbone = colour_backbone()
+    test_features = ab.extract_features(backbone, test)
+    readout = ev.Readout(lr=lr, epochs=5, batch_size=50, weight_decay=5e-6)
+    accuracy = ev.lin_augm(backbone, train, train_labels, test_features, test_labels, readout, seed=0)
+    assert accuracy >= 95 if expect_learned else accuracy < 50
+
+
+def test_readouts_anneal_lr_by_cosine_once_per_epoch(monkeypatch):
+    seen = []
+
+    class RecordingAdam(torch.optim.Adam):
+        def step(self, closure=None):
+            seen.append(self.param_groups[0]["lr"])
+            return super().step(closure)
+
+    monkeypatch.setattr(torch.optim, "Adam", RecordingAdam)
+    features, labels = gaussian_blobs(1, 25)
+    ev.train_linear(features, labels, ev.Readout(lr=0.2, epochs=4, batch_size=10, weight_decay=0.0), seed=0)
+    # 3 batches per epoch (10, 10 and the last 5 kept); lr constant within an epoch, CosineAnnealingLR(T_max=4)
+    assert seen == pytest.approx([0.2 * (1 + math.cos(math.pi * epoch / 4)) / 2 for epoch in range(4) for _ in "abc"])
 
 
 def tiny_model(seed=0):
     torch.manual_seed(seed)
-    return ab.make_model("resnet18", width=8)
+    return ab.make_model("resnet18", width=8, projector_hidden_dim=64)
 
 
 def image_tensors(n, seed):
@@ -103,166 +163,286 @@ def image_tensors(n, seed):
 
 
 def test_lin_augm_leaves_the_backbone_frozen():
-    model = tiny_model()
-    backbone = model.backbone
-    backbone.train()  # as after training: lin augm must switch it to eval, or BatchNorm statistics would move
+    backbone = tiny_model().backbone
+    backbone.train()  # as after training: lin augm must use eval mode, or BatchNorm statistics would move
     before = {name: value.clone() for name, value in backbone.state_dict().items()}
     images, labels = image_tensors(24, seed=5)
-    cfg = dataclasses.replace(ab.Config(), linear_epochs=2, linear_batch_size=8)
-    generator = torch.Generator().manual_seed(0)
-    features_of = ab.lin_augm_features(backbone, cfg, generator)
-    classifier = ab.train_linear(images, labels, cfg, generator, features_of)
+    test_features = ab.extract_features(backbone, images[:10])
+    readout = ev.Readout(lr=0.1, epochs=2, batch_size=8, weight_decay=5e-6)
+    ev.lin_augm(backbone, images, labels, test_features, labels[:10], readout, seed=0)
 
-    assert classifier.weight.shape == (10, backbone.out_dim)
     after = backbone.state_dict()
     assert any("running_mean" in name for name in after) and any("num_batches_tracked" in name for name in after)
     for name, value in before.items():
         assert torch.equal(after[name], value), name
-    assert all(p.grad is None for p in backbone.parameters())
-    # The views are augmented, not the plain images: two calls on the same images give different features.
-    assert not torch.equal(features_of(images[:4]), features_of(images[:4]))
+    assert all(p.grad is None and p.requires_grad for p in backbone.parameters())
+    assert backbone.training  # its mode is given back
 
 
-def fake_data(n_train=40, n_test=20):
-    train_images, train_labels = image_tensors(n_train, seed=1)
-    test_images, test_labels = image_tensors(n_test, seed=2)
-    return dict(train_images=train_images, train_labels=train_labels, test_images=test_images,
-                test_labels=test_labels)
+def test_lin_augm_views_are_crop_and_flip_only():
+    backbone = tiny_model().backbone.eval()
+    views = ev.crop_flip_features(backbone, torch.Generator().manual_seed(0))
+    images, _ = image_tensors(8, seed=3)
+    assert not torch.allclose(views(images), views(images), atol=1e-4)  # the views are random
+    # Crops and flips of a one-colour image are that image: any colour jitter or grayscale would show.
+    colours = np.random.default_rng(0).integers(0, 256, (8, 3, 1, 1), dtype=np.uint8)
+    flat = torch.from_numpy(colours).expand(8, 3, 32, 32).contiguous()
+    torch.testing.assert_close(views(flat), ab.extract_features(backbone, flat), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("names", [[], ["knn5"], ["knn10", "lin_precomp"]])
-def test_final_evals_report_every_key_and_none_for_evals_not_run(names):
-    model, data = tiny_model(), fake_data()
-    cfg = dataclasses.replace(ab.Config(), linear_epochs=2, linear_batch_size=16)
-    final = ab.run_final_evals(model, data, cfg, torch.Generator().manual_seed(0), names)
-    assert set(final) == {f"{name}_pct" for name in ab.FINAL_EVALS} | {"seconds"}
-    for name in ab.FINAL_EVALS:
-        value = final[f"{name}_pct"]
-        assert (value is None) == (name not in names), name
-        assert value is None or 0 <= value <= 100
-    assert set(final["seconds"]) == (set(names) | {"features"} if names else set())
-    if "knn5" in names:
-        feats = [ab.extract_features(model.backbone, data[key]) for key in ("train_images", "test_images")]
-        assert final["knn5_pct"] == ab.knn_accuracy(feats[0], data["train_labels"], feats[1], data["test_labels"], 5)
+def test_readout_defaults_are_the_references_and_flags_override_them():
+    args = ev.build_parser().parse_args(["ckpt.pt"])
+    assert args.evals == ["knn5", "knn10", "lin_precomp", "lin_augm"]
+    assert ev.readouts_from_args(args, "resnet18") == dict(
+        lin_precomp=ev.Readout(lr=0.01, epochs=500, batch_size=1000, weight_decay=5e-6),
+        lin_augm=ev.Readout(lr=0.1, epochs=100, batch_size=512, weight_decay=5e-6))
+    assert ev.readouts_from_args(args, "resnet34")["lin_augm"].weight_decay == 5e-6
+    assert {r.weight_decay for r in ev.readouts_from_args(args, "resnet50").values()} == {0.0}
+    args = ev.build_parser().parse_args(["ckpt.pt", "--lin-weight-decay", "1e-4", "--lin-augm-lr", "0.05",
+                                         "--lin-precomp-epochs", "7", "--lin-augm-batch-size", "64",
+                                         "--evals", "lin_augm, knn5"])
+    readouts = ev.readouts_from_args(args, "resnet50")
+    assert readouts["lin_precomp"] == ev.Readout(lr=0.01, epochs=7, batch_size=1000, weight_decay=1e-4)
+    assert readouts["lin_augm"] == ev.Readout(lr=0.05, epochs=100, batch_size=64, weight_decay=1e-4)
+    assert args.evals == ["knn5", "lin_augm"]  # the table's order
+
+
+@pytest.mark.parametrize("flag, value", [
+    ("--lin-precomp-lr", "nan"), ("--lin-precomp-lr", "inf"), ("--lin-augm-lr", "0"), ("--lin-augm-lr", "-0.1"),
+    ("--lin-precomp-lr", "11"), ("--lin-augm-epochs", "0"), ("--lin-precomp-epochs", "1.5"),
+    ("--lin-precomp-epochs", "1000000"), ("--lin-precomp-batch-size", "0"), ("--lin-weight-decay", "-1e-6"),
+    ("--lin-weight-decay", "nan"), ("--eval-batch-size", "0"), ("--seed", "-1"), ("--evals", "knn5,knn7"),
+    ("--evals", ","), ("--device", "tpu"),
+])
+def test_bad_flags_are_one_line_and_exit_2(flag, value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        ev.main(["ckpt.pt", flag, value])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and flag in err and "Traceback" not in err
+
+
+#############################################
+#                Checkpoints                #
+#############################################
+def checkpoint_dict(model=None, **config_changes):
+    """What `airbench_ssl.py --save-checkpoint` writes, for a tiny model."""
+    model = model or tiny_model()
+    config = dataclasses.asdict(dataclasses.replace(ab.Config(), width=8, projector_hidden_dim=64, batch_size=40,
+                                                    **config_changes))
+    return dict(format="airbench-ssl-checkpoint/1", config=config, run_id="20260101T000000Z_resnet18_seed0_abcdef",
+                state_dict={k: v.detach().clone() for k, v in model.state_dict().items()})
 
 
 def test_checkpoint_round_trip_is_exact(tmp_path):
     model = tiny_model(seed=3)
     model.train()
-    model(torch.rand(4, 3, 32, 32))  # move the BatchNorm buffers away from their initial values
-    cfg = dataclasses.replace(ab.Config(), width=8)
+    model([torch.rand(4, 3, 32, 32)])  # move the BatchNorm buffers away from their initial values
     path = str(tmp_path / "model.pt")
-    ab.save_checkpoint(path, model, cfg, "run-1")
-    loaded, saved = ab.load_checkpoint(path, torch.device("cpu"))
-    assert saved["width"] == 8 and saved["arch"] == "resnet18"
+    torch.save(checkpoint_dict(model), path)
+    loaded, config, run_id = ev.load_checkpoint(path, torch.device("cpu"))
+    assert (config["arch"], config["width"], run_id) == ("resnet18", 8, "20260101T000000Z_resnet18_seed0_abcdef")
     state, loaded_state = model.state_dict(), loaded.state_dict()
     assert list(state) == list(loaded_state)
     assert all(torch.equal(state[name], loaded_state[name]) for name in state)
     x = torch.rand(3, 3, 32, 32)
     model.eval()
-    loaded.eval()
     with torch.no_grad():
-        assert all(torch.equal(a, b) for a, b in zip(model(x), loaded(x)))
+        assert torch.equal(model([x]), loaded([x]))
 
 
-def write_random_bytes(path):
-    path.write_bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes())
+def test_checkpoints_are_read_with_weights_only(tmp_path, monkeypatch):
+    path = str(tmp_path / "model.pt")
+    torch.save(checkpoint_dict(), path)
+    calls, real_load = [], torch.load
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    ev.load_checkpoint(path, torch.device("cpu"))
+    assert len(calls) == 1 and calls[0].get("weights_only") is True  # explicit, whatever torch's default
 
 
-@pytest.mark.parametrize("write, message", [
-    (lambda p: torch.save({"a": 1}, p), "not an airbench-ssl checkpoint"),
-    (write_random_bytes, "not an airbench-ssl checkpoint"),
-    (lambda p: torch.save(torchvision.models.resnet18(weights=None).state_dict(), p), "not an airbench-ssl"),
-    (lambda p: None, "does not exist"),
-])
-def test_foreign_files_are_refused_in_one_line(tmp_path, write, message):
-    path = tmp_path / "file.pt"
+def refused_args(checkpoint, tmp_path):
+    """An empty --data-dir: were a bad file ever accepted, the run fails at the data instead of evaluating."""
+    return [checkpoint, "--device", "cpu", "--log-dir", str(tmp_path / "logs"), "--data-dir", str(tmp_path)]
+
+
+class Payload:
+    """Unpickling this creates `marker`: a stand-in for any code a crafted file could run."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+@pytest.mark.parametrize("container", ["torch.save", "plain pickle"])
+def test_a_malicious_pickle_is_refused_and_never_runs(tmp_path, container, capsys):
+    marker, path = tmp_path / "payload_ran", tmp_path / "evil.pt"
+    evil = dict(checkpoint_dict(), extra=Payload(str(marker)))
+    if container == "torch.save":
+        torch.save(evil, str(path))
+    else:
+        path.write_bytes(pickle.dumps(evil, protocol=2))
+    assert ev.main(refused_args(str(path), tmp_path)) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("evaluate: error: ") and "not an airbench-ssl checkpoint" in err and err.count("\n") == 1
+    assert not marker.exists()
+    if container == "torch.save":  # the payload is live: an unrestricted load runs it
+        with contextlib.suppress(Exception):
+            torch.load(str(path), weights_only=False)["extra"].close()
+        assert marker.exists()
+
+
+def damage(change):
+    def write(path):
+        checkpoint = checkpoint_dict()
+        change(checkpoint)
+        torch.save(checkpoint, path)
+    return write
+
+
+def write_other_width(path):
+    torch.save(dict(checkpoint_dict(), state_dict=ab.make_model("resnet18", 16, 64).state_dict()), path)
+
+
+BAD_FILES = [
+    ("missing", lambda path: None, "does not exist"),
+    ("folder", lambda path: os.mkdir(path), "cannot read checkpoint"),
+    ("empty", lambda path: open(path, "wb").close(), "not an airbench-ssl checkpoint"),
+    ("random bytes", lambda path: open(path, "wb").write(np.random.default_rng(0).bytes(5000)),
+     "not an airbench-ssl checkpoint"),
+    ("json", lambda path: open(path, "w").write('{"format": "airbench-ssl-checkpoint/1"}'),
+     "not an airbench-ssl checkpoint"),
+    ("other dict", lambda path: torch.save({"a": torch.zeros(2)}, path), "no format"),
+    ("bare state_dict", lambda path: torch.save(tiny_model().state_dict(), path), "no format"),
+    ("no config", damage(lambda c: c.pop("config")), "config is NoneType, not a dict"),
+    ("config missing width", damage(lambda c: c["config"].pop("width")), "config lacks width"),
+    ("width as text", damage(lambda c: c["config"].update(width="8")), "width='8' should be of type int"),
+    ("arch a number", damage(lambda c: c["config"].update(arch=5)), "arch=5 should be of type str"),
+    ("unknown arch", damage(lambda c: c["config"].update(arch="resnet99")), "choose one of"),
+    ("width 0", damage(lambda c: c["config"].update(width=0)), r"width=0 must be in \[1, 1024\]"),
+    ("NaN in config", damage(lambda c: c["config"].update(base_lr=float("nan"))), "not plain JSON"),
+    ("no run_id", damage(lambda c: c.pop("run_id")), "run_id is NoneType"),
+    ("no state_dict", damage(lambda c: c.pop("state_dict")), "state_dict is NoneType"),
+    ("other width", write_other_width, r"do not fit arch=resnet18, width=8.*is \(16, 3, 3, 3\)"),
+    ("missing weight", damage(lambda c: c["state_dict"].pop("projector.2.bias")), "1 missing"),
+    ("extra weight", damage(lambda c: c["state_dict"].update(extra=torch.zeros(1))), "1 unexpected"),
+    ("weight not a tensor", damage(lambda c: c["state_dict"].update({"projector.2.bias": 1.0})),
+     "projector.2.bias is float"),
+    ("float64 weight", damage(lambda c: c["state_dict"].update({"projector.2.bias": torch.zeros(128).double()})),
+     "torch.float64, expected"),
+    ("NaN weight", damage(lambda c: c["state_dict"]["backbone.conv1.weight"].view(-1)[5].fill_(float("nan"))),
+     "backbone.conv1.weight holds NaN"),
+]
+
+
+@pytest.mark.parametrize("write, message", [case[1:] for case in BAD_FILES], ids=[case[0] for case in BAD_FILES])
+def test_bad_checkpoints_are_one_line_and_exit_1(tmp_path, write, message, capsys):
+    path = str(tmp_path / "model.pt")
     write(path)
-    with pytest.raises(ab.HarnessError, match=message) as error:
-        ab.load_checkpoint(str(path), torch.device("cpu"))
-    assert "\n" not in str(error.value)
+    assert ev.main(refused_args(path, tmp_path)) == 1
+    captured = capsys.readouterr()
+    assert captured.err.startswith("evaluate: error: ") and captured.err.count("\n") == 1, captured.err
+    assert re.search(message, captured.err), captured.err
+    assert os.listdir(tmp_path / "logs") == []  # nothing logged
 
 
-def test_checkpoint_whose_weights_do_not_fit_its_config_is_refused(tmp_path):
-    model = tiny_model()
-    config = dataclasses.asdict(dataclasses.replace(ab.Config(), width=16))
-    path = str(tmp_path / "mismatch.pt")
-    torch.save(dict(format=ab.CHECKPOINT_FORMAT, config=config, run_id="x", state_dict=model.state_dict()), path)
-    with pytest.raises(ab.HarnessError, match="does not fit arch=resnet18 width=16") as error:
-        ab.load_checkpoint(path, torch.device("cpu"))
-    assert "\n" not in str(error.value)
+def test_the_command_line_fails_in_one_line_without_a_traceback(tmp_path, monkeypatch, capsys):
+    missing = str(tmp_path / "none.pt")
+    monkeypatch.setattr(sys, "argv", ["evaluate.py", missing, "--log-dir", str(tmp_path)])
+    with pytest.raises(SystemExit) as exit_info:  # as `python tools/evaluate.py none.pt` runs it
+        runpy.run_path(os.path.join(ROOT, "tools", "evaluate.py"), run_name="__main__")
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err == f"evaluate: error: checkpoint {missing} does not exist\n"
 
 
-def test_checkpoint_with_marker_but_no_config_is_refused(tmp_path):
-    path = str(tmp_path / "broken.pt")
-    torch.save(dict(format=ab.CHECKPOINT_FORMAT, state_dict={}), path)
-    with pytest.raises(ab.HarnessError):
-        ab.load_checkpoint(path, torch.device("cpu"))
-
-
-TRAIN_ARGS = ["--download", "false", "--device", "cpu", "--width", "8", "--batch-size", "32", "--epochs", "1",
-              "--check-first-epoch", "1", "--check-every-epochs", "1", "--final-evals", "knn10", "--warmup-steps", "0",
-              "--target-pct", "100"]
-
-
+#############################################
+#          The whole table and log          #
+#############################################
 @pytest.fixture(scope="module")
-def trained_checkpoint(fake_cifar_root, tmp_path_factory):
-    """One short training run on the synthetic data that saves a checkpoint: -> (checkpoint path, its train log)."""
+def trained(fake_cifar_root, tmp_path_factory):
+    """A tiny training run on the synthetic data that saves its model: -> (checkpoint path, its training log)."""
     folder = tmp_path_factory.mktemp("trained")
     path, log_dir = str(folder / "model.pt"), str(folder / "logs")
     with contextlib.redirect_stdout(io.StringIO()):
-        code = ab.main(["--data-dir", fake_cifar_root, *TRAIN_ARGS, "--log-dir", log_dir, "--save-checkpoint", path])
+        code = ab.main(["--preset", "recipe", "--device", "cpu", "--width", "8", "--batch-size", "40", "--epochs", "1",
+                        "--check-first-epoch", "1", "--data-dir", fake_cifar_root, "--log-dir", log_dir,
+                        "--save-checkpoint", path, "--download", "false", "--projector-hidden-dim", "64"])
     assert code == 0
     (log_path,) = glob.glob(os.path.join(log_dir, "*.json"))
-    with open(log_path, encoding="utf-8") as f:
-        return path, json.load(f)
+    return path, log_path
 
 
-def eval_args(checkpoint, root, log_dir):
-    return ["eval", checkpoint, "--data-dir", root, "--download", "false", "--device", "cpu", "--final-evals",
-            "knn5,knn10,lin_precomp,lin_augm", "--linear-epochs", "2", "--log-dir", log_dir]
+def eval_args(checkpoint, root, log_dir, *extra):
+    return [checkpoint, "--data-dir", root, "--device", "cpu", "--log-dir", log_dir, "--lin-precomp-epochs", "3",
+            "--lin-augm-epochs", "1", "--lin-augm-batch-size", "100", *extra]
 
 
-def test_eval_command_prints_the_reference_table(trained_checkpoint, fake_cifar_root, tmp_path, capsys):
-    checkpoint, train_log = trained_checkpoint
-    assert ab.main(eval_args(checkpoint, fake_cifar_root, str(tmp_path))) == 0
+def test_evaluate_prints_the_table_and_logs_the_training_run(trained, fake_cifar_root, tmp_path, capsys):
+    checkpoint, train_log_path = trained
+    with open(train_log_path, encoding="utf-8") as f:
+        train_log = json.load(f)
+    log_dir = str(tmp_path / "eval")
+    assert ev.main(eval_args(checkpoint, fake_cifar_root, log_dir, "--train-log", train_log_path)) == 0
     lines = capsys.readouterr().out.splitlines()
-    header = "|Backbone|Batch|Loss/batch|kNN(k=5)|kNN(k=10)|lin precomp|lin augm|"
-    row = lines[lines.index(header) + 2].split("|")[1:-1]
-    assert row[0] == "resnet18 (width 8)"
-    knn5, knn10, lin_precomp, lin_augm = (float(cell) for cell in row[3:7])
-    assert all(0 <= pct <= 100 for pct in (knn5, knn10, lin_precomp, lin_augm))
-    # The saved model is the trained one: its kNN k=10 is exactly what the training run measured at the end.
-    assert row[4] == f"{train_log['final_eval']['knn10_pct']:.2f}"
-    (log_path,) = glob.glob(str(tmp_path / "*.json"))
+    row = lines[lines.index(ev.TABLE_HEADER.splitlines()[0]) + 2].split("|")[1:-1]
+    assert row[:3] == ["resnet18 (width 8)", "40", f"{train_log['epochs'][-1]['loss']:.3f}"]
+    # The evaluated model is the trained one, bit for bit: kNN agrees exactly with the training run's final eval.
+    assert row[3:5] == [f"{train_log['final_eval']['knn5_pct']:.2f}", f"{train_log['final_eval']['knn10_pct']:.2f}"]
+
+    (log_path,) = glob.glob(os.path.join(log_dir, "*.json"))
     with open(log_path, encoding="utf-8") as f:
         log = json.load(f)
-    assert log["kind"] == "eval" and log["checkpoint"] == checkpoint
-    assert log["final_eval"]["knn10_pct"] == train_log["final_eval"]["knn10_pct"]
+    assert (log["kind"], log["checkpoint"], log["checkpoint_run_id"]) == ("eval", checkpoint, train_log["run_id"])
+    assert train_log["run_id"] in os.path.basename(log_path)
+    assert log["config"] == train_log["config"] and log["data"]["train_images"] == 200
+    results = log["results"]
+    assert (results["knn5_pct"], results["knn10_pct"]) == (train_log["final_eval"]["knn5_pct"],
+                                                           train_log["final_eval"]["knn10_pct"])
+    assert row[5:7] == [f"{results['lin_precomp_pct']:.2f}", f"{results['lin_augm_pct']:.2f}"]
+    assert set(log["seconds"]) == {"features", "knn5", "knn10", "lin_precomp", "lin_augm", "data_load"}
+    assert log["evaluation"]["readouts"]["lin_augm"] == dict(lr=0.1, epochs=1, batch_size=100, weight_decay=5e-6)
+
+    # A second evaluation, here of lin precomp alone, gets its own log; the first is left as it was, and each
+    # readout is seeded on its own, so lin precomp repeats exactly.
+    with open(log_path, "rb") as f:
+        first = f.read()
+    assert ev.main(eval_args(checkpoint, fake_cifar_root, log_dir, "--evals", "lin_precomp")) == 0
+    logs = sorted(glob.glob(os.path.join(log_dir, "*.json")))
+    assert len(logs) == 2
+    with open(log_path, "rb") as f:
+        assert f.read() == first
+    with open(next(p for p in logs if p != log_path), encoding="utf-8") as f:
+        second = json.load(f)["results"]
+    assert second["lin_precomp_pct"] == results["lin_precomp_pct"] and second["knn5_pct"] is None
 
 
-def test_eval_table_shows_the_training_batch_size(trained_checkpoint, fake_cifar_root, tmp_path, capsys):
-    checkpoint, _ = trained_checkpoint
-    args = eval_args(checkpoint, fake_cifar_root, str(tmp_path))
-    args[args.index("knn5,knn10,lin_precomp,lin_augm")] = "knn5"
-    assert ab.main(args) == 0
-    out = capsys.readouterr().out
-    assert "|resnet18 (width 8)|32|" in out
-
-
-def test_eval_log_names_the_training_run(trained_checkpoint, fake_cifar_root, tmp_path):
-    checkpoint, train_log = trained_checkpoint
-    args = eval_args(checkpoint, fake_cifar_root, str(tmp_path))
-    args[args.index("knn5,knn10,lin_precomp,lin_augm")] = "knn5"
-    with contextlib.redirect_stdout(io.StringIO()):
-        assert ab.main(args) == 0
-    (log_path,) = glob.glob(str(tmp_path / "*.json"))
-    with open(log_path, encoding="utf-8") as f:
-        assert json.load(f)["checkpoint_run_id"] == train_log["run_id"]
-
-
-def test_eval_of_a_missing_checkpoint_is_one_line_and_exit_1(fake_cifar_root, tmp_path, capsys):
-    assert ab.main(eval_args(str(tmp_path / "nonexistent.pt"), fake_cifar_root, str(tmp_path))) == 1
+def test_a_training_log_of_another_run_is_refused(trained, fake_cifar_root, tmp_path, capsys):
+    checkpoint, train_log_path = trained
+    with open(train_log_path, encoding="utf-8") as f:
+        other = dict(json.load(f), run_id="20260101T000000Z_resnet18_seed1_000000")
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    assert ev.main(eval_args(checkpoint, fake_cifar_root, str(tmp_path / "eval"), "--train-log",
+                             str(tmp_path / "other.json"))) == 1
     err = capsys.readouterr().err
-    assert err.startswith("airbench_ssl: error: ") and "nonexistent.pt" in err
-    assert err.count("\n") == 1
+    assert err.count("\n") == 1 and "is of run '20260101T000000Z_resnet18_seed1_000000'" in err
+
+
+def test_eval_log_names_are_never_reused(tmp_path, monkeypatch):
+    frozen = time.gmtime(0)
+    monkeypatch.setattr(ev.time, "gmtime", lambda *args: frozen)
+    hexes = iter(["aaaaaa" + "0" * 26, "aaaaaa" + "0" * 26, "bbbbbb" + "0" * 26])
+    monkeypatch.setattr(ev.uuid, "uuid4", lambda: type("U", (), {"hex": next(hexes)})())
+    first = ev.reserve_eval_log(str(tmp_path), "run/../x")
+    assert os.path.dirname(first) == str(tmp_path) and "aaaaaa" in first and "/../" not in first[len(str(tmp_path)):]
+    with open(first, "w") as f:
+        f.write("keep")
+    second = ev.reserve_eval_log(str(tmp_path), "run/../x")  # same second, same first guess: a new name
+    assert second != first and "bbbbbb" in second
+    with open(first) as f:
+        assert f.read() == "keep"

@@ -4,10 +4,12 @@
     python tools/bench_throughput.py --device cpu --width 8 --batch-size 16 --steps 2 --repeats 1 --workers 0
     python tools/bench_throughput.py --config my_trick.json --json out.json   # the harness with your overrides
 
-Reference: baselines/simclr_reference.py's own pieces, a DataLoader whose --workers CPU processes augment each image
-on its own, feeding fp32 eager steps with a host sync per step. A reference round starts a fresh DataLoader
-iterator, as every reference epoch does, so worker start-up and the pipeline fill are counted once per round; with
-the default (one epoch of 50,000 images a round) that is exactly the reference's per-epoch cost.
+Reference: baselines/simclr_reference.py's own pieces in its default variant (the reference script of commit
+781f889 onward, whose 11.9 s/epoch we cite: PIL transforms with ToTensor last, pinned memory, non_blocking copies;
+--reference-variant 2025-06-02 times the older tensor-transform script), a DataLoader whose --workers CPU processes
+augment each image on its own, feeding fp32 eager steps with a host sync per step. A reference round starts a fresh
+DataLoader iterator, as every reference epoch does, so worker start-up and the pipeline fill are counted once per
+round; with the default (one epoch of 50,000 images a round) that is exactly the reference's per-epoch cost.
 Harness: airbench_ssl.Trainer on device-resident uint8 images, its compile warm-up untimed, rounds timed as its
 epochs are (shuffle, GPU augmentation, forward, backward, optimizer).
 Rounds alternate reference, harness, reference, ... for --repeats rounds each after one untimed round each, the
@@ -48,7 +50,7 @@ def forward_flops(arch: str, width: int) -> int:
     """FLOPs of one forward pass (backbone + projector) on one 32x32 image."""
     model = airbench_ssl.make_model(arch, width).eval()
     with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(torch.zeros(1, 3, 32, 32))
+        model([torch.zeros(1, 3, 32, 32)])  # one view of one image
     return counter.get_total_flops()
 
 
@@ -72,7 +74,7 @@ def harness_config(args: argparse.Namespace, device: torch.device) -> airbench_s
     argv = ["--preset", "recipe", "--arch", args.arch, "--width", str(args.width), "--batch-size",
             str(args.batch_size), "--grayscale-p", str(args.grayscale_p), "--device", device.type]
     cli = airbench_ssl.build_parser().parse_args(argv + (["--config", args.config] if args.config else []))
-    return airbench_ssl.config_from_args(cli, torch.cuda.is_available())
+    return airbench_ssl.config_from_args(cli, torch.cuda.is_available())[0]  # (config, its sources)
 
 
 def load_images(args: argparse.Namespace, count: int) -> torch.Tensor:
@@ -103,21 +105,23 @@ def bench(args: argparse.Namespace) -> dict:
 
     # Reference: exactly baselines/simclr_reference.py's dataset, loader, model, optimizer and step.
     labels = torch.zeros(count, dtype=torch.int64)
-    dataset = simclr_reference.ReferencePairs(images, labels, simclr_reference.make_transform(args.grayscale_p))
+    dataset = simclr_reference.make_dataset(images, labels, args.grayscale_p, args.reference_variant)
     ref_model = simclr_reference.ReferenceSimCLR(args.arch, args.width).to(device)
     ref_optimizer, _ = simclr_reference.make_optimizer(ref_model, args.batch_size, epochs=1000)
 
     def reference_round() -> None:
         torch.backends.cudnn.benchmark = False  # the reference leaves it at its default; the harness turns it on
-        loader = simclr_reference.make_loader(dataset, args.batch_size, args.workers, args.seed)
+        loader = simclr_reference.make_loader(dataset, args.batch_size, args.workers, device, args.reference_variant,
+                                              args.seed)
         with simclr_reference.threads_beside_workers(device, args.workers):
-            simclr_reference.train_epoch(ref_model, ref_optimizer, loader, device)
+            simclr_reference.train_epoch(ref_model, ref_optimizer, loader, device, args.reference_variant)
 
     # Harness: its Trainer on device-resident uint8 images; one round = one of its (timed) epochs.
     cfg = harness_config(args, device)
     trainer = airbench_ssl.Trainer(cfg, device, count)
     device_images = images.to(device)
-    generator = torch.Generator(device).manual_seed(args.seed)
+    order_generator = torch.Generator(device).manual_seed(args.seed)
+    augment_generator = torch.Generator(device).manual_seed(args.seed + 1)
     torch.backends.cudnn.benchmark = device.type == "cuda"
     warmup_seconds = timed(device, trainer.warm_up)
 
@@ -125,7 +129,7 @@ def bench(args: argparse.Namespace) -> dict:
         torch.backends.cudnn.benchmark = device.type == "cuda"  # as airbench_ssl.train_run sets it
         # On the CPU both sides compute with the same threads, so the ratio compares code, not thread counts.
         with simclr_reference.threads_beside_workers(device, args.workers):
-            trainer.train_epoch(0, device_images, generator)
+            trainer.train_epoch(0, device_images, order_generator, augment_generator)
 
     # One untimed round each: cudnn autotuning, allocator growth, first-call paths of the loader.
     reference_round()
@@ -142,6 +146,8 @@ def bench(args: argparse.Namespace) -> dict:
     result = dict(device=device.type, device_name=airbench_ssl.environment_report(device)["gpu_name"] or "CPU",
                   torch=torch.__version__, arch=args.arch, width=args.width, batch_size=args.batch_size,
                   steps_per_round=steps, images_per_round=count, repeats=args.repeats, workers=args.workers,
+                  reference_variant=args.reference_variant,
+                  reference_commits=simclr_reference.VARIANTS[args.reference_variant].commits,
                   harness_config=dataclasses.asdict(cfg),
                   harness_speed_features=dict(zip(("compile", "bf16", "channels_last"),
                                                   airbench_ssl.speed_features(cfg, device))),
@@ -164,7 +170,8 @@ def report(r: dict) -> str:
     lines = [
         f"device: {r['device']} ({r['device_name']}), torch {r['torch']}; {r['arch']} width {r['width']}, batch "
         f"{r['batch_size']}; {r['steps_per_round']} steps ({r['images_per_round']} images) a round, median of "
-        f"{r['repeats']} alternating rounds; reference loader workers: {r['workers']}",
+        f"{r['repeats']} alternating rounds; reference {r['reference_variant']} (commits {r['reference_commits']}), "
+        f"loader workers: {r['workers']}",
         f"harness speed features: {r['harness_speed_features']} (warm-up {r['harness_warmup_seconds']:.1f} s, untimed)",
         f"forward: {r['forward_flops_per_image'] / 1e9:.3f} GFLOP ({r['forward_flops_per_image'] / 2e9:.3f} GMACs) "
         f"per image; training: 3 x forward x 2 views = {r['train_flops_per_image'] / 1e9:.3f} GFLOP per image",
@@ -190,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=0, help="steps a round; 0 = one 50,000-image epoch")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds per side (after one untimed each)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="reference DataLoader workers")
+    parser.add_argument("--reference-variant", default=simclr_reference.DEFAULT_VARIANT,
+                        choices=tuple(simclr_reference.VARIANTS), help="version of the reference script timed "
+                        "(see baselines/simclr_reference.py --help)")
     parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     parser.add_argument("--data-dir", default="", help="real CIFAR-10 images (default: random pixels)")
     parser.add_argument("--config", default="", help="harness config JSON applied to the harness side")

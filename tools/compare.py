@@ -4,10 +4,13 @@ its 95% confidence interval, Welch's t-test, and a plain verdict.
     python tools/compare.py logs --a logs/A/*.json --b logs/B/*.json
     python tools/compare.py run --a baselines/resnet18_bs512.json --b my_trick.json --seeds 0 1 2 3 4
     python tools/compare.py run --a a.json --b b.json --seeds 0 1 --extra --device cpu --width 8   # harness flags
+    python tools/compare.py run --a a.json --b b.json --seeds 0 1 2 3 4 5 6 7 --gpus 0,1,2,3   # 4 runs at a time
 
 `run` starts `python airbench_ssl.py --config X --seed s --log-dir DIR/{A,B}` once per seed and side, interleaved
 A B A B ..., so slow drift of the machine (heat, other load) hits both sides alike; then it compares the new logs.
-Flags after --extra go to every run and override both config files.
+Flags after --extra go to every run and override both config files. With --gpus, runs start in the same order but
+up to one per listed GPU at a time (each sees only its GPU, via CUDA_VISIBLE_DEVICES); concurrent runs share the
+host's CPUs and disk, so their times are comparable with each other, not with runs made alone.
 
 Metrics: time to target (timed seconds; only when every run reached the target, else it says so and the verdict
 falls back to kNN at stop), kNN accuracy at stop, and with --at-epoch E the kNN accuracy after epoch E (a fixed
@@ -20,18 +23,29 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
+from typing import IO
 
 import stats
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HARNESS = os.path.join(ROOT, "airbench_ssl.py")
-LOG_FORMAT = "airbench-ssl-log/1"
-PER_RUN_KEYS = frozenset({"seed", "data_dir", "log_dir", "save_checkpoint"})  # may differ between runs of a recipe
+LOG_FORMATS = ("airbench-ssl-log/1", "airbench-ssl-log/2")  # /2 dropped check_epochs; both read the same here
+PER_RUN_KEYS = frozenset({"seed", "data_dir", "log_dir", "save_checkpoint", "download"})  # may differ within a recipe
 ALPHA = 0.05
+POLL_SECONDS = 0.2  # how often --gpus looks for finished runs; runs last minutes
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line (argparse prints the whole usage first)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 class CompareError(Exception):
@@ -45,8 +59,8 @@ def load_log(path: str) -> dict:
             log = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise CompareError(f"{path}: cannot read a JSON log: {error}") from None
-    if not isinstance(log, dict) or log.get("format") != LOG_FORMAT:
-        raise CompareError(f"{path}: not an airbench-ssl run log (no \"format\": \"{LOG_FORMAT}\")")
+    if not isinstance(log, dict) or log.get("format") not in LOG_FORMATS:
+        raise CompareError(f"{path}: not an airbench-ssl run log (\"format\" is not {' or '.join(LOG_FORMATS)})")
     if log.get("kind") != "train":
         raise CompareError(f"{path}: kind is {log.get('kind')!r}; only training logs have a learning curve")
     rows, result, config = log.get("epochs"), log.get("result"), log.get("config")
@@ -60,11 +74,16 @@ def load_log(path: str) -> dict:
     return log
 
 
+def check_epochs(log: dict) -> list[int]:
+    """Epochs after which the run measured kNN accuracy: its rows with a kNN value (both log formats)."""
+    return [row["epoch"] for row in log["epochs"] if row.get("knn_pct") is not None]
+
+
 def knn_at_epoch(log: dict, epoch: int) -> float:
     for row in log["epochs"]:
         if row["epoch"] == epoch and row.get("knn_pct") is not None:
             return float(row["knn_pct"])
-    raise CompareError(f"{log['_path']}: no kNN check after epoch {epoch} (its checks: {log.get('check_epochs')})")
+    raise CompareError(f"{log['_path']}: no kNN check after epoch {epoch} (its checks: {check_epochs(log)})")
 
 
 def knn_at_stop(log: dict) -> float:
@@ -148,36 +167,142 @@ def compare(a: list[dict], b: list[dict], at_epoch: int | None = None) -> str:
     return "\n".join(lines)
 
 
+def parse_gpus(text: str) -> list[int]:
+    """"0,1,2,3" -> [0, 1, 2, 3]: distinct non-negative GPU ids, as CUDA_VISIBLE_DEVICES numbers them."""
+    ids = [part.strip() for part in text.split(",")]
+    if not all(re.fullmatch(r"[0-9]+", i) for i in ids):
+        raise CompareError(f"--gpus must be a comma-separated list of GPU ids such as 0,1,2,3, got {text!r}")
+    gpus = [int(i) for i in ids]
+    if len(set(gpus)) != len(gpus):
+        raise CompareError(f"--gpus lists a GPU twice ({text!r}): one run per GPU at a time")
+    return gpus
+
+
+def interleaved_runs(config_a: str, config_b: str, seeds: Sequence[int]) -> list[tuple[str, str, int]]:
+    """(side, config, seed) in start order: A B A B ..., one pair per seed."""
+    return [run for seed in seeds for run in (("A", config_a, seed), ("B", config_b, seed))]
+
+
+def harness_command(config: str, seed: int, folder: str, extra: Sequence[str]) -> list[str]:
+    return [sys.executable, HARNESS, "--config", config, "--seed", str(seed), "--log-dir", folder, *extra]
+
+
+def last_line(stdout: str, stderr: str) -> str:
+    return (stderr.strip() or stdout.strip() or "no output").splitlines()[-1]
+
+
+def result_line(log_path: str) -> str:
+    result = load_log(log_path)["result"]
+    return (f"{result['status']}: {result['timed_seconds']:.2f} timed s, kNN at stop "
+            f"{result['knn_at_stop_pct']}%")
+
+
 def run_interleaved(config_a: str, config_b: str, seeds: Sequence[int], extra: Sequence[str],
-                    log_dir: str) -> tuple[list[str], list[str]]:
-    """Train A and B for every seed, in the order A B A B ...; -> the new log paths of each side."""
+                    log_dir: str, gpus: Sequence[int] | None = None) -> tuple[list[str], list[str]]:
+    """Train A and B for every seed, started in the order A B A B ...; -> the new log paths of each side.
+
+    Without gpus the runs go one after the other; with gpus, up to one run per GPU at a time."""
     for path in (config_a, config_b):
         if not os.path.isfile(path):
             raise CompareError(f"config file {path} does not exist")
+    runs = interleaved_runs(config_a, config_b, seeds)
+    if gpus:
+        return run_on_gpus(runs, extra, log_dir, gpus)
     new_logs: dict[str, list[str]] = {"A": [], "B": []}
-    total = 2 * len(seeds)
-    for i, seed in enumerate(seeds):
-        for j, (side, config) in enumerate((("A", config_a), ("B", config_b))):
-            folder = os.path.join(log_dir, side)
-            before = set(os.listdir(folder)) if os.path.isdir(folder) else set()
-            command = [sys.executable, HARNESS, "--config", config, "--seed", str(seed), "--log-dir", folder, *extra]
-            print(f"run {2 * i + j + 1}/{total}: {side} seed {seed}: {' '.join(command)}", flush=True)
-            proc = subprocess.run(command, capture_output=True, text=True)
-            created = sorted(n for n in set(os.listdir(folder)) - before if n.endswith(".json")) \
-                if os.path.isdir(folder) else []
-            if proc.returncode != 0 or len(created) != 1:
-                last = (proc.stderr.strip() or proc.stdout.strip() or "no output").splitlines()[-1]
-                raise CompareError(f"{side} seed {seed} failed (exit {proc.returncode}): {last}")
-            new_logs[side].append(os.path.join(folder, created[0]))
-            result = load_log(new_logs[side][-1])["result"]
-            print(f"  {result['status']}: {result['timed_seconds']:.2f} timed s, kNN at stop "
-                  f"{result['knn_at_stop_pct']}%", flush=True)
+    for k, (side, config, seed) in enumerate(runs, 1):
+        folder = os.path.join(log_dir, side)
+        before = set(os.listdir(folder)) if os.path.isdir(folder) else set()
+        command = harness_command(config, seed, folder, extra)
+        print(f"run {k}/{len(runs)}: {side} seed {seed}: {' '.join(command)}", flush=True)
+        proc = subprocess.run(command, capture_output=True, text=True)
+        created = sorted(n for n in set(os.listdir(folder)) - before if n.endswith(".json")) \
+            if os.path.isdir(folder) else []
+        if proc.returncode != 0 or len(created) != 1:
+            last = last_line(proc.stdout, proc.stderr)
+            raise CompareError(f"{side} seed {seed} failed (exit {proc.returncode}): {last}")
+        new_logs[side].append(os.path.join(folder, created[0]))
+        print(f"  {result_line(new_logs[side][-1])}", flush=True)
     return new_logs["A"], new_logs["B"]
 
 
+def new_logs_of_seed(folder: str, before: set[str], seed: int) -> list[str]:
+    """Logs created in folder since `before` whose run had this seed. Runs of one side share a folder when they
+    run concurrently, so a new file cannot be told apart by when it appeared; seeds are distinct per side."""
+    found = []
+    for name in sorted(set(os.listdir(folder)) - before if os.path.isdir(folder) else []):
+        if name.startswith(".") or not name.endswith(".json"):  # the harness's temp files start with "."
+            continue
+        path = os.path.join(folder, name)
+        try:
+            with open(path, encoding="utf-8") as f:
+                log = json.load(f)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):  # another run's log, reserved but not written
+            continue
+        if isinstance(log, dict) and isinstance(log.get("config"), dict) and log["config"].get("seed") == seed:
+            found.append(path)
+    return found
+
+
+def run_on_gpus(runs: Sequence[tuple[str, str, int]], extra: Sequence[str], log_dir: str,
+                gpus: Sequence[int]) -> tuple[list[str], list[str]]:
+    """Start the runs in order, each on the first free GPU (one run per GPU), until all finished or one failed.
+
+    After a failure no new run starts, the running ones finish (their logs stay usable), then the error names
+    every failed run."""
+    folders = {side: os.path.join(log_dir, side) for side in ("A", "B")}
+    before = {side: set(os.listdir(f)) if os.path.isdir(f) else set() for side, f in folders.items()}
+    logs: dict[tuple[str, int], str] = {}
+    failures: list[str] = []
+    running: dict[int, tuple[int, str, int, subprocess.Popen, IO[str]]] = {}  # by GPU
+    pending = list(enumerate(runs, 1))
+    try:
+        while pending or running:
+            while pending and not failures and len(running) < len(gpus):
+                gpu = next(g for g in gpus if g not in running)
+                k, (side, config, seed) = pending.pop(0)
+                command = harness_command(config, seed, folders[side], extra)
+                print(f"run {k}/{len(runs)}: {side} seed {seed} on GPU {gpu}: {' '.join(command)}", flush=True)
+                output = tempfile.TemporaryFile(mode="w+", encoding="utf-8", errors="replace")
+                env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(gpu))
+                proc = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env)
+                running[gpu] = (k, side, seed, proc, output)
+            if not running:
+                break
+            time.sleep(POLL_SECONDS)
+            for gpu, (k, side, seed, proc, output) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                del running[gpu]
+                with output:
+                    output.seek(0)
+                    text = output.read()
+                created = new_logs_of_seed(folders[side], before[side], seed)
+                name = f"{side} seed {seed} on GPU {gpu}"
+                if proc.returncode != 0 or len(created) != 1:
+                    why = f"exit {proc.returncode}" if proc.returncode else f"{len(created)} new logs of the seed"
+                    failures.append(f"{name} failed ({why}): {last_line(text, '')}")
+                    print(f"  run {k} failed: {failures[-1]}", flush=True)
+                    continue
+                try:
+                    print(f"  run {k} done: {name}: {result_line(created[0])}", flush=True)
+                except CompareError as error:
+                    failures.append(f"{name}: {error}")
+                    continue
+                logs[side, seed] = created[0]
+    finally:  # an interrupted sweep must not leave runs holding the GPUs
+        for _, _, _, proc, output in running.values():
+            proc.terminate()
+            proc.wait()
+            output.close()
+    if failures:
+        raise CompareError(f"{len(failures)} of {len(runs)} runs failed: {'; '.join(failures)}")
+    return ([logs["A", seed] for side, _, seed in runs if side == "A"],
+            [logs["B", seed] for side, _, seed in runs if side == "B"])
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = OneLineParser(prog="compare", description=__doc__.split("\n\n")[0],
+                           formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     logs = commands.add_parser("logs", help="compare existing run logs")
     logs.add_argument("--a", nargs="+", required=True, metavar="LOG", help="run logs of configuration A")
@@ -187,6 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--b", required=True, metavar="CONFIG", help="harness config JSON of B")
     run.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     run.add_argument("--log-dir", default="", help="where the logs go (default logs/compare_<UTC time>/{A,B})")
+    run.add_argument("--gpus", default=None, metavar="IDS",
+                     help="comma-separated GPU ids, e.g. 0,1,2,3: run up to one seed per GPU at a time")
     run.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="harness flags for every run (last)")
     for sub in (logs, run):
         sub.add_argument("--at-epoch", type=int, default=None, help="also compare kNN after this epoch")
@@ -199,8 +326,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "run":
             if len(set(args.seeds)) != len(args.seeds):
                 raise CompareError(f"--seeds repeats a seed: {args.seeds}")
+            gpus = parse_gpus(args.gpus) if args.gpus is not None else None
             log_dir = args.log_dir or os.path.join("logs", time.strftime("compare_%Y%m%dT%H%M%SZ", time.gmtime()))
-            paths_a, paths_b = run_interleaved(args.a, args.b, args.seeds, args.extra, log_dir)
+            paths_a, paths_b = run_interleaved(args.a, args.b, args.seeds, args.extra, log_dir, gpus)
         else:
             paths_a, paths_b = args.a, args.b
         print(compare([load_log(p) for p in paths_a], [load_log(p) for p in paths_b], args.at_epoch))

@@ -5,42 +5,96 @@
     python tools/leaderboard.py check      # CI: leaderboard.md == render, and every record still validates
 
 A record is a folder records/YYYY-MM-DD_ShortName/ holding byte-identical copies of its run logs, a generated
-statistics.md and record.json, and a README.md written by the submitter. The logs are the evidence: every number
-in statistics.md, record.json and leaderboard.md is re-derived from them, and `check` fails if any file disagrees.
-The rules a record must satisfy are in records/README.md; `validate_log` and `validate_runs` implement them.
+statistics.md and record.json, and a README.md written by the submitter. The logs are the evidence: every number in
+statistics.md, record.json and leaderboard.md is re-derived from them, and `check` fails if any file disagrees.
+
+The rules are listed in records/README.md and implemented here: `validate_log(log)` checks one log (a path or a
+parsed dict) and returns its `Run`; every rule of one log is an entry of `RULES`, so each can be tested alone.
+`validate_runs` checks the runs of one record and `record_problems` the records against each other. The race's
+own rules come from the harness (`airbench_ssl.is_check_epoch`, `reached_target`, `OFFICIAL_MD5`), and a record's
+evaluation code must be the harness's own, definition for definition (`pinning_problems`).
 
 Writes are atomic (temp file or temp folder in the same directory, then rename), and `add` and `render` hold an
-exclusive flock on the records folder, so concurrent adds serialize and a crash leaves the previous state.
+exclusive flock on the records folder, so concurrent adds serialize, and a crash leaves either the previous state or
+leftovers that git ignores and the next `add` or `render` removes.
 """
 
 import argparse
+import ast
+import builtins
 import contextlib
+import copy
 import dataclasses
 import datetime
 import fcntl
+import functools
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
+import stat
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+import types
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import stats
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-LOG_FORMAT = "airbench-ssl-log/1"
+sys.path.insert(0, str(REPO_ROOT))
+import airbench_ssl as ab  # noqa: E402  (the repo root is not on sys.path when run as tools/leaderboard.py)
+
+LOG_FORMAT = "airbench-ssl-log/2"
 TARGET_PCT = 90.0
 KNN_K = 10
+TRAIN_IMAGES, TEST_IMAGES = 50_000, 10_000
 MIN_RUNS = 3
 # Fields that name per-machine paths or the seed: they differ between honest runs of one recipe.
-PER_RUN_CONFIG_KEYS = frozenset({"seed", "data_dir", "log_dir", "save_checkpoint"})
+PER_RUN_CONFIG_KEYS = frozenset({"seed", "data_dir", "log_dir", "save_checkpoint", "download"})
 GENERATED_FILES = ("record.json", "statistics.md")
-NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]+")
+SUBMITTER_FILE = "README.md"
 STAGING_PREFIX = ".staging-"
+
+# Bounds on what a log may contain, so that no input can hang or exhaust the validator. A real log is ~100 KB
+# (the harness source is ~45 KB of it) plus ~100 bytes per epoch.
+MAX_LOG_BYTES = 64 * 2**20
+MAX_RECORD_JSON_BYTES = 2**20
+MAX_SOURCE_CHARS = 2**20
+MAX_JSON_DEPTH = 32
+MAX_ABS_NUMBER = 10**15
+MAX_DESCRIPTION_CHARS = 200
+# No epoch of CIFAR-10 takes a millisecond; a time below that is not a measurement (0.0 and denormals included).
+MIN_EPOCH_SECONDS = 1e-3
+
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+DATE_PATTERN = re.compile(r"\d{4}-\d{2}-\d{2}")
+RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+CREATED_PATTERN = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z")
+# Printable ASCII only (no look-alike Unicode, no control characters, no '|' to break a table), as real names are.
+GPU_NAME_PATTERN = re.compile(r" *[A-Za-z0-9][A-Za-z0-9 ._()/+,:@-]{0,79}")
+VERSION_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+_-]{0,39}")
+DESCRIPTION_PATTERN = re.compile(r"[\x20-\x7b\x7d\x7e]{1,%d}" % MAX_DESCRIPTION_CHARS)  # printable ASCII but '|'
+SMI_GPU_ROW = re.compile(r"^\|\s+\d+\s+(\S.*?)\s+(?:On|Off)\s+\|", re.MULTILINE)
+SMI_DRIVER = re.compile(r"Driver Version:\s*(\S+)")
+BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+# The evaluation every record is judged by: these definitions in a record's logged source must be those of the
+# canonical harness, together with every module-level name they use (helpers, imports, and builtins, which must
+# not be shadowed).
+PINNED = ("OFFICIAL_MD5", "_CifarUnpickler", "parse_cifar_batch", "find_cifar", "load_cifar10",
+          "extract_features", "knn_predict", "knn_accuracy", "knn_check", "is_check_epoch", "reached_target")
+DYNAMIC_NAMES = frozenset({"exec", "eval", "globals", "__import__"})
+PATCH_ATTRIBUTES = frozenset({"__code__", "__globals__", "__builtins__", "__dict__", "__defaults__",
+                              "__kwdefaults__", "__closure__"})
+BANNED_MODULES = frozenset({"builtins", "importlib", "ctypes"})
+MUTATING_METHODS = frozenset({"update", "pop", "popitem", "clear", "setdefault", "append", "extend", "insert",
+                              "remove", "sort", "reverse", "add", "discard", "__setitem__", "__delitem__"})
+# What an entry may set at runtime: library speed switches and environment variables, not library functions.
+PATCHABLE_MODULES = ("torch.backends.", "torch._inductor.config.", "torch._dynamo.config.", "os.environ.")
 
 # Published results of the reference implementation; they were timed with its own data pipeline, so they are a
 # yardstick, never a record to beat.
@@ -60,22 +114,36 @@ class Refused(Exception):
         self.file = file
 
     def line(self) -> str:
-        return f"{self.file}: {self}" if self.file else str(self)
+        if self.file is None:
+            return str(self)
+        file = self.file if self.file.isprintable() else ascii(self.file)
+        return f"{file}: {self}"
+
+
+class Broken(Exception):
+    """Raised by a rule: the message says what is wrong; validate_log adds the rule's name and the file."""
 
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-    file: str  # log file name inside the record folder
+    file: str  # log file name
     run_id: str
+    created_utc: str
     seed: int
     epochs_run: int
     time_to_target_seconds: float
     knn_at_stop_pct: float
-    gpu_name: str
+    gpu_model: str  # normalised name of one GPU
+    world_size: int
     code_sha256: str
     config: dict[str, Any]
     torch_version: str
     cuda_version: str
+    identity: frozenset[str]  # a run is the same run as another if these share an element
+
+    @property
+    def hardware(self) -> str:
+        return self.gpu_model if self.world_size == 1 else f"{self.world_size}× {self.gpu_model}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,8 +155,8 @@ class Record:
     runs: tuple[Run, ...]
 
     @property
-    def gpu_name(self) -> str:
-        return self.runs[0].gpu_name
+    def hardware(self) -> str:
+        return self.runs[0].hardware
 
     @property
     def times(self) -> list[float]:
@@ -104,228 +172,959 @@ class Record:
 
 
 ########################################
-#  Validation of one log
+#  Reading untrusted JSON
+
+def _bounded_int(text: str) -> int:
+    # Checked on the text: int() of a 5,000-digit string raises (or, without the limit, takes quadratic time).
+    if len(text.lstrip("-")) > 16 or abs(int(text)) > MAX_ABS_NUMBER:
+        raise Broken(f"integer {text[:20]}{'...' if len(text) > 20 else ''} ({len(text)} digits) is out of range "
+                     f"(|x| <= {MAX_ABS_NUMBER:.0e})")
+    return int(text)
+
+
+def _bounded_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or abs(value) > MAX_ABS_NUMBER:
+        raise Broken(f"number {text[:20]} is out of range (finite, |x| <= {MAX_ABS_NUMBER:.0e})")
+    return value
+
+
+def _refuse_constant(text: str) -> Any:
+    raise Broken(f"{text} is not a number a log may hold")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # A repeated key means two readers may see two different logs: refuse rather than pick one.
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        dupe = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise Broken(f"key {dupe!r} appears twice in one object")
+    return obj
+
+
+def parse_json(raw: bytes) -> Any:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise Broken(f"not UTF-8 text ({e.reason} at byte {e.start})") from None
+    try:
+        return json.loads(text, parse_int=_bounded_int, parse_float=_bounded_float, parse_constant=_refuse_constant,
+                          object_pairs_hook=_unique_keys)
+    except json.JSONDecodeError as e:
+        raise Broken(f"not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    except RecursionError:
+        raise Broken(f"JSON nested too deeply (at most {MAX_JSON_DEPTH} levels)") from None
+
+
+def check_json_values(obj: Any) -> None:
+    """JSON types only, finite bounded numbers, bounded depth; iterative, so depth cannot exhaust the stack."""
+    stack = [(obj, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise Broken(f"JSON nested too deeply (at most {MAX_JSON_DEPTH} levels)")
+        if isinstance(value, dict):
+            if not all(isinstance(k, str) for k in value):
+                raise Broken("an object has a key that is not a string")
+            stack.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value)
+        elif isinstance(value, bool) or value is None or isinstance(value, str):
+            continue
+        elif isinstance(value, (int, float)):
+            if not (math.isfinite(value) and abs(value) <= MAX_ABS_NUMBER):
+                raise Broken(f"number {value!r} is out of range (finite, |x| <= {MAX_ABS_NUMBER:.0e})")
+        else:
+            raise Broken(f"value of type {type(value).__name__} is not JSON")
+
+
+def read_bounded(path: Path, limit: int, follow_symlinks: bool) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes; the size is checked before anything is read."""
+    try:
+        st = os.stat(path, follow_symlinks=follow_symlinks)
+    except OSError as e:
+        raise Broken(f"cannot read: {e.strerror}") from None
+    if stat.S_ISLNK(st.st_mode):
+        raise Broken("is a symbolic link: records hold plain files")
+    if not stat.S_ISREG(st.st_mode):
+        raise Broken("is not a regular file")
+    if st.st_size > limit:
+        raise Broken(f"is {st.st_size} bytes, over the {limit}-byte limit")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(limit + 1)
+    except OSError as e:
+        raise Broken(f"cannot read: {e.strerror}") from None
+    if len(raw) > limit:
+        raise Broken(f"is over the {limit}-byte limit")
+    return raw
+
+
+########################################
+#  The pinned evaluation
+
+def _without_docstrings(node: ast.AST) -> ast.AST:
+    node = copy.deepcopy(node)
+    for n in ast.walk(node):
+        body = getattr(n, "body", None)
+        if (isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and body
+                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)):
+            n.body = body[1:] or [ast.Pass()]
+    return node
+
+
+_BODY_FIELDS = ("body", "orelse", "finalbody", "handlers", "cases")
+
+
+def _stored_names(node: ast.AST) -> Iterator[str]:
+    """Names a statement binds in its own scope, not counting its nested blocks (visited as statements)."""
+    todo = [child for field, child in ast.iter_fields(node) if field not in _BODY_FIELDS]
+    while todo:
+        item = todo.pop()
+        if isinstance(item, (ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)):
+            # a comprehension's variables are its own; only `:=` inside it binds in the enclosing scope
+            yield from (n.target.id for n in ast.walk(item) if isinstance(n, ast.NamedExpr))
+            continue
+        if isinstance(item, list):
+            todo.extend(item)
+        elif isinstance(item, ast.Name) and isinstance(item.ctx, (ast.Store, ast.Del)):
+            yield item.id
+        elif isinstance(item, (ast.MatchAs, ast.MatchStar)) and item.name:
+            yield item.name
+        elif isinstance(item, ast.MatchMapping) and item.rest:
+            yield item.rest
+        if isinstance(item, ast.AST) and not isinstance(item, ast.Lambda):
+            todo.extend(child for _, child in ast.iter_fields(item))
+
+
+@dataclasses.dataclass(frozen=True)
+class ModuleFacts:
+    bindings: dict[str, frozenset[str]]  # module-level name -> how it is bound (dumps of defs, imports, statements)
+    nodes: dict[str, tuple[ast.AST, ...]]  # module-level name -> the nodes that bind it
+    modules: dict[str, str]  # module-level name bound by an import -> the module (or module.attribute) it names
+    star_import: bool
+
+
+def module_facts(tree: ast.Module) -> ModuleFacts:
+    bindings: dict[str, set[str]] = {}
+    nodes: dict[str, list[ast.AST]] = {}
+    modules: dict[str, str] = {}
+    star = False
+
+    def bind(name: str, how: str, node: ast.AST) -> None:
+        bindings.setdefault(name, set()).add(how)
+        nodes.setdefault(name, []).append(node)
+
+    def visit(statements: list[ast.stmt]) -> None:
+        nonlocal star
+        for s in statements:
+            if isinstance(s, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                bind(s.name, ast.dump(_without_docstrings(s)), s)
+                continue
+            if isinstance(s, ast.Import):
+                for alias in s.names:
+                    # `import torch.nn` binds `torch` just as `import torch` does.
+                    name, module = ((alias.asname, alias.name) if alias.asname
+                                    else (alias.name.split(".")[0], alias.name.split(".")[0]))
+                    bind(name, f"import {module}", s)
+                    modules[name] = module
+                continue
+            if isinstance(s, ast.ImportFrom):
+                source = "." * s.level + (s.module or "")
+                for alias in s.names:
+                    if alias.name == "*":
+                        star = True
+                        continue
+                    bind(alias.asname or alias.name, f"from {source} import {alias.name}", s)
+                    modules[alias.asname or alias.name] = f"{source}.{alias.name}"
+                continue
+            for name in _stored_names(s):
+                bind(name, ast.dump(s), s)
+            for field in _BODY_FIELDS:
+                for child in getattr(s, field, None) or []:
+                    if isinstance(child, ast.ExceptHandler):
+                        if child.name:
+                            bind(child.name, ast.dump(child), child)
+                        visit(child.body)
+                    elif isinstance(child, ast.match_case):
+                        for name in _stored_names(child):
+                            bind(name, ast.dump(child.pattern), child)
+                        visit(child.body)
+                    else:
+                        visit([child])
+
+    visit(tree.body)
+    return ModuleFacts({k: frozenset(v) for k, v in bindings.items()}, {k: tuple(v) for k, v in nodes.items()},
+                       modules, star)
+
+
+def parse_source(source: str) -> ast.Module:
+    if len(source) > MAX_SOURCE_CHARS:
+        raise Broken(f"code.source has {len(source)} characters, over the {MAX_SOURCE_CHARS} limit")
+    try:
+        return ast.parse(source)
+    except (SyntaxError, ValueError, RecursionError, MemoryError) as e:
+        raise Broken(f"code.source cannot be parsed as Python ({type(e).__name__})") from None
+
+
+@functools.lru_cache(maxsize=4)
+def canonical_facts(canonical_source: str) -> tuple[ModuleFacts, frozenset[str]]:
+    """The canonical module's facts and the protected names: PINNED and, transitively, every module-level name
+    or builtin their definitions use."""
+    facts = module_facts(ast.parse(canonical_source))
+    missing = [name for name in PINNED if name not in facts.bindings]
+    if missing:
+        raise Refused(f"the canonical harness {ab.__file__} lacks the pinned definitions {', '.join(missing)}")
+    visible = set(facts.bindings) | set(dir(builtins)) | {"__file__", "__name__"}
+    protected: set[str] = set()
+    todo = list(PINNED)
+    while todo:
+        name = todo.pop()
+        if name in protected:
+            continue
+        protected.add(name)
+        for node in facts.nodes.get(name, ()):
+            if not isinstance(node, (ast.Import, ast.ImportFrom)):
+                todo.extend(n.id for n in ast.walk(node) if isinstance(n, ast.Name) and n.id in visible)
+    return facts, frozenset(protected)
+
+
+def _root_and_path(node: ast.AST) -> tuple[str | None, list[str]]:
+    """`F.normalize.x` -> ("F", ["normalize", "x"]); through subscripts and calls to the name they start from."""
+    path: list[str] = []
+    while True:
+        if isinstance(node, ast.Attribute):
+            path.insert(0, node.attr)
+            node = node.value
+        elif isinstance(node, ast.Subscript):
+            path.insert(0, "[]")
+            node = node.value
+        elif isinstance(node, ast.Call):
+            path.insert(0, "()")
+            node = node.func
+        elif isinstance(node, ast.Name):
+            return node.id, path
+        else:
+            return None, path
+
+
+@functools.lru_cache(maxsize=32)
+def pinning_problems(canonical_source: str, source: str) -> tuple[str, ...]:
+    """Why `source` does not evaluate exactly as the canonical harness does; empty when it does.
+
+    Static, so it catches what can be seen in the source: a pinned definition edited or missing, a name it uses
+    (helper, import, builtin) bound differently, rebinding through `global`, and the usual runtime patching (stores
+    into imported modules or pinned objects, exec/eval/globals, function internals). Comments and docstrings may
+    differ."""
+    facts, protected = canonical_facts(canonical_source)
+    tree = parse_source(source)
+    entry = module_facts(tree)
+    problems = []
+    pinned_first = sorted(protected, key=lambda n: (n not in PINNED, PINNED.index(n) if n in PINNED else 0, n))
+    differ = [n for n in pinned_first if entry.bindings.get(n, frozenset()) != facts.bindings.get(n, frozenset())]
+    if differ:
+        problems.append(f"differs from the canonical harness in {', '.join(differ)}")
+    if entry.star_import:
+        problems.append("uses `from ... import *`, which can rebind pinned names")
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Global, ast.Nonlocal)) and protected & set(node.names):
+            problems.append(f"rebinds {', '.join(sorted(protected & set(node.names)))} through `global`")
+        elif isinstance(node, ast.Name) and node.id in DYNAMIC_NAMES:
+            problems.append(f"uses {node.id}, which can rewrite any definition")
+        elif isinstance(node, ast.Attribute) and node.attr in PATCH_ATTRIBUTES:
+            problems.append(f"touches {node.attr}, which can rewrite any definition")
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+            banned = sorted({n.split(".")[0] for n in names} & BANNED_MODULES)
+            if banned:
+                problems.append(f"imports {', '.join(banned)}, which can rewrite any definition")
+        targets: list[ast.AST] = []
+        if isinstance(node, (ast.Attribute, ast.Subscript)) and isinstance(node.ctx, (ast.Store, ast.Del)):
+            targets.append(node)
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("setattr", "delattr"):
+            targets.extend(node.args[:1])
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+              and node.func.attr in MUTATING_METHODS):
+            targets.append(node.func.value)
+            if isinstance(node.func.value, ast.Name) and node.func.value.id in entry.modules:
+                targets.pop()  # a module function named like a method (e.g. `heapq.heappop`) mutates nothing here
+        for target in targets:
+            root, path = _root_and_path(target)
+            if root in entry.modules:
+                dotted = ".".join([entry.modules[root], *path])
+                if not any(dotted.startswith(p) or dotted == p[:-1] for p in PATCHABLE_MODULES):
+                    problems.append(f"patches {dotted} at runtime")
+            elif root in protected:
+                problems.append(f"modifies the pinned {root} at runtime")
+    return tuple(dict.fromkeys(problems))  # each problem once, in order
+
+
+def canonical_source() -> str:
+    """The harness next to the tools defines the evaluation: changing a pinned definition there is a rules change."""
+    with open(ab.__file__, encoding="utf-8") as f:
+        return f.read()
+
+
+########################################
+#  Rules of one log
+
+NUMBER = (int, float)
+NONE = type(None)
+# (path, allowed types): everything a rule reads, checked before any rule runs.
+SCHEMA: tuple[tuple[str, Any], ...] = (
+    ("run_id", str), ("created_utc", str), ("argv", list),
+    ("launch", dict), ("launch.world_size", int), ("launch.command", list), ("launch.torchrun", bool),
+    ("config_sources", dict), ("config_sources.preset", str), ("config_sources.config_file", (str, NONE)),
+    ("config_sources.file_overrides", dict),
+    ("config", dict), ("config.epochs", int), ("config.check_first_epoch", int), ("config.check_every_epochs", int),
+    ("config.target_pct", NUMBER), ("config.knn_k", int), ("config.train_subset", int), ("config.seed", int),
+    ("config.device", str),
+    ("code", dict), ("code.source", str), ("code.sha256", str),
+    ("environment", dict), ("environment.torch", str), ("environment.cuda", (str, NONE)),
+    ("environment.driver", (str, NONE)), ("environment.device", str), ("environment.gpu_name", (str, NONE)),
+    ("environment.gpu_names", list), ("environment.gpu_count", int), ("environment.world_size", int),
+    ("environment.nvidia_smi", (str, NONE)),
+    ("data", dict), ("data.official", bool), ("data.files", dict), ("data.train_images", int),
+    ("data.test_images", int),
+    ("eligible", bool), ("ineligible_reasons", list),
+    ("timing", dict), ("timing.timed", str), ("timing.not_timed", str),
+    ("epochs", list),
+    ("untimed_seconds", dict), ("untimed_seconds.data_load", NUMBER), ("untimed_seconds.warmup", NUMBER),
+    ("untimed_seconds.knn_checks", NUMBER), ("untimed_seconds.final_eval", NUMBER),
+    ("result", dict), ("result.status", str), ("result.reached_target", bool), ("result.target_pct", NUMBER),
+    ("result.epochs_run", int), ("result.timed_seconds", NUMBER), ("result.time_to_target_seconds", (*NUMBER, NONE)),
+    ("result.knn_at_stop_pct", (*NUMBER, NONE)),
+    ("final_eval", (dict, NONE)),
+    ("total_wall_seconds", NUMBER),
+)
+ROW_SCHEMA = (("epoch", int), ("loss", (*NUMBER, NONE)), ("lr", (*NUMBER, NONE)), ("epoch_seconds", NUMBER),
+              ("timed_seconds", NUMBER), ("knn_pct", (*NUMBER, NONE)), ("knn_seconds", (*NUMBER, NONE)))
+
+
+def _get(obj: Any, path: str, kinds: Any) -> Any:
+    value = obj
+    for key in path.split("."):
+        if not isinstance(value, dict) or key not in value:
+            raise Broken(f"missing field {path}")
+        value = value[key]
+    kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+    # bool is an int to Python but never a valid epoch, seed or time.
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        names = " or ".join("null" if k is NONE else k.__name__ for k in kinds)
+        raise Broken(f"field {path} should be {names}, got {_short(value)}")
+    return value
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_schema(log: Any) -> None:
+    """The log's shape: format, kind, field types, names used in file names and text. Not a rule one may drop."""
+    check_json_values(log)
+    if not isinstance(log, dict):
+        raise Broken("not a JSON object")
+    if log.get("format") != LOG_FORMAT:
+        raise Broken(f"format is {_short(log.get('format'))}, expected {LOG_FORMAT!r}")
+    if log.get("kind") != "train":
+        raise Broken(f"kind is {_short(log.get('kind'))}: only training logs can be records")
+    for path, kinds in SCHEMA:
+        _get(log, path, kinds)
+    for i, row in enumerate(log["epochs"]):
+        if not isinstance(row, dict):
+            raise Broken(f"epochs[{i}] is not a JSON object")
+        for key, kinds in ROW_SCHEMA:
+            try:
+                _get(row, key, kinds)
+            except Broken as e:
+                raise Broken(f"epochs[{i}]: {e}") from None
+    for path in ("argv", "launch.command", "ineligible_reasons"):
+        if not all(isinstance(x, str) for x in _get(log, path, list)):
+            raise Broken(f"{path} should hold strings only")
+    if not RUN_ID_PATTERN.fullmatch(log["run_id"]):
+        raise Broken(f"run_id {_short(log['run_id'])} is not a plain name (letters, digits, '.', '_', '-')")
+    if not CREATED_PATTERN.fullmatch(log["created_utc"]) or _utc(log["created_utc"]) is None:
+        raise Broken(f"created_utc {_short(log['created_utc'])} is not a real YYYY-MM-DDTHH:MM:SSZ time")
+    if not VERSION_PATTERN.fullmatch(log["environment"]["torch"]):
+        raise Broken(f"environment.torch {_short(log['environment']['torch'])} is not a version string")
+
+
+def _utc(text: str) -> datetime.datetime | None:
+    try:
+        return datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ")
+    except ValueError:
+        return None
+
 
 def close(a: float, b: float) -> bool:
     """Timing equality for numbers that went through float sums and JSON: 1e-6 relative plus 1 ms absolute."""
     return abs(a - b) <= 1e-3 + 1e-6 * max(abs(a), abs(b))
 
 
-def check_epochs(config: dict[str, Any]) -> list[int]:
-    """The kNN check schedule the config fixes in advance (same rule as the harness)."""
-    first, every, epochs = config["check_first_epoch"], config["check_every_epochs"], config["epochs"]
-    return sorted(set(range(first, epochs + 1, every)) | {epochs})
+def _canonical_value(value: Any) -> Any:
+    # Numbers compare by value (a JSON 1 is the harness's 1.0), but a bool is never a number.
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return type(value).__name__, value
+    if isinstance(value, (int, float)):
+        return "number", float(value)
+    if isinstance(value, list):
+        return "list", tuple(_canonical_value(v) for v in value)
+    return "dict", tuple(sorted((k, _canonical_value(v)) for k, v in value.items()))
 
 
-def _get(obj: Any, path: str, kind: type | tuple[type, ...], file: str) -> Any:
-    value = obj
-    for key in path.split("."):
-        if not isinstance(value, dict) or key not in value:
-            raise Refused(f"missing field {path}", file)
-        value = value[key]
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    # bool is an int to Python but never a valid epoch, seed or time.
-    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-        names = "/".join(k.__name__ for k in kinds)
-        raise Refused(f"field {path} should be {names}, got {value!r}", file)
-    return value
+def _same_value(a: Any, b: Any) -> bool:
+    return _canonical_value(a) == _canonical_value(b)
 
 
-def validate_log(log: Any, file: str) -> Run:
-    """Check one run log against the rules; return its summary or raise Refused naming the first broken rule."""
-    if not isinstance(log, dict):
-        raise Refused("not a JSON object", file)
-    if log.get("format") != LOG_FORMAT:
-        raise Refused(f"format is {log.get('format')!r}, expected {LOG_FORMAT!r}", file)
-    if log.get("kind") != "train":
-        raise Refused(f"kind is {log.get('kind')!r}: only training logs can be records", file)
+def schedule_of(config: dict[str, Any]) -> types.SimpleNamespace:
+    return types.SimpleNamespace(epochs=config["epochs"], check_first_epoch=config["check_first_epoch"],
+                                 check_every_epochs=config["check_every_epochs"], target_pct=config["target_pct"])
 
-    source = _get(log, "code.source", str, file)
-    code_sha256 = _get(log, "code.sha256", str, file)
-    if hashlib.sha256(source.encode("utf-8")).hexdigest() != code_sha256:
-        raise Refused("code.sha256 does not match the sha256 of code.source: the logged source was edited", file)
 
-    # Eligibility is recomputed from the facts in the log; the log's own "eligible" flag is only cross-checked.
-    config = _get(log, "config", dict, file)
-    for key in ("epochs", "check_first_epoch", "check_every_epochs", "seed", "train_subset", "knn_k"):
-        _get(log, f"config.{key}", int, file)
-    target = _get(log, "config.target_pct", (int, float), file)
-    if _get(log, "environment.device", str, file) != "cuda":
-        raise Refused(f"not eligible: ran on device {log['environment']['device']!r}, records need cuda", file)
-    gpu_name = _get(log, "environment.gpu_name", str, file)
-    if not gpu_name.strip():
-        raise Refused("not eligible: environment.gpu_name is empty", file)
-    files = _get(log, "data.files", dict, file)
-    bad = sorted(name for name, f in files.items()
-                 if not (isinstance(f, dict) and f.get("ok") is True and f.get("md5") == f.get("expected_md5")))
-    if _get(log, "data.official", bool, file) is not True or not files or bad:
-        raise Refused(f"not eligible: data is not the official CIFAR-10 (md5 mismatch: {', '.join(bad) or 'none'})",
-                      file)
+def rule_source_hash(log: dict[str, Any]) -> None:
+    if hashlib.sha256(log["code"]["source"].encode("utf-8")).hexdigest() != log["code"]["sha256"]:
+        raise Broken("code.sha256 is not the sha256 of code.source: the logged source was edited")
+
+
+def rule_pinned_evaluation(log: dict[str, Any]) -> None:
+    problems = pinning_problems(canonical_source(), log["code"]["source"])
+    if problems:
+        raise Broken("; ".join(problems) + " (records are judged by the harness's own data loading, kNN, check "
+                     "schedule and stop rule)")
+
+
+def rule_official_data(log: dict[str, Any]) -> None:
+    data, files = log["data"], log["data"]["files"]
+    if set(files) != set(ab.OFFICIAL_MD5):
+        raise Broken(f"data.files lists {_short(sorted(files))}, not exactly the six official CIFAR-10 files")
+    bad = [name for name, md5 in ab.OFFICIAL_MD5.items()
+           if not (isinstance(files[name], dict) and files[name].get("md5") == md5
+                   and files[name].get("expected_md5") == md5 and files[name].get("ok") is True)]
+    if bad:
+        raise Broken(f"md5 of {', '.join(bad)} is not the official CIFAR-10 checksum")
+    if data["official"] is not True:
+        raise Broken("data.official is false")
+    if (data["train_images"], data["test_images"]) != (TRAIN_IMAGES, TEST_IMAGES):
+        raise Broken(f"data has {data['train_images']} train and {data['test_images']} test images, not "
+                     f"{TRAIN_IMAGES} and {TEST_IMAGES}")
+
+
+def rule_race_settings(log: dict[str, Any]) -> None:
+    config = log["config"]
     if config["train_subset"] != 0:
-        raise Refused(f"not eligible: config.train_subset is {config['train_subset']}, records train on all 50k",
-                      file)
-    if target != TARGET_PCT:
-        raise Refused(f"not eligible: config.target_pct is {target}, the race target is {TARGET_PCT}", file)
+        raise Broken(f"config.train_subset is {config['train_subset']}: records train on all {TRAIN_IMAGES} images")
+    if config["target_pct"] != TARGET_PCT:
+        raise Broken(f"config.target_pct is {config['target_pct']}, the race target is {TARGET_PCT}")
     if config["knn_k"] != KNN_K:
-        raise Refused(f"not eligible: config.knn_k is {config['knn_k']}, the race uses k={KNN_K}", file)
-    if _get(log, "eligible", bool, file) is not True:
-        raise Refused(f"log marks itself ineligible: {log.get('ineligible_reasons')}", file)
+        raise Broken(f"config.knn_k is {config['knn_k']}, the race uses k={KNN_K}")
 
-    status = _get(log, "result.status", str, file)
-    knn_at_stop = log["result"].get("knn_at_stop_pct")
-    if status != "reached_target" or _get(log, "result.reached_target", bool, file) is not True:
-        raise Refused(f"run did not reach the target: status {status!r}, kNN at stop {knn_at_stop} %", file)
-    if _get(log, "result.target_pct", (int, float), file) != target:
-        raise Refused(f"result.target_pct {log['result']['target_pct']} differs from config.target_pct {target}",
-                      file)
 
-    # A schedule fixed in advance: the checks logged are exactly those the config implies, on every epoch run.
-    if config["check_first_epoch"] < 0 or config["check_every_epochs"] < 1 or config["epochs"] < 1:
-        raise Refused("config has an impossible check schedule (check_first_epoch, check_every_epochs, epochs)",
-                      file)
-    schedule = check_epochs(config)
-    if log.get("check_epochs") != schedule:
-        raise Refused(f"check schedule {log.get('check_epochs')} differs from the one the config implies {schedule}",
-                      file)
-    rows = _get(log, "epochs", list, file)
-    if not rows:
-        raise Refused("no epoch rows", file)
-    first_epoch = 0 if 0 in schedule else 1
-    cumulative = 0.0
-    for i, row in enumerate(rows):
-        where = f"epochs[{i}]"
-        if not isinstance(row, dict):
-            raise Refused(f"{where} is not a JSON object", file)
-        epoch = _get(row, "epoch", int, file)
-        if epoch != first_epoch + i:
-            raise Refused(f"{where}: epoch {epoch}, expected {first_epoch + i} (epochs must be consecutive)", file)
-        epoch_seconds = _get(row, "epoch_seconds", (int, float), file)
-        if epoch_seconds < 0 or (epoch == 0 and epoch_seconds != 0):
-            raise Refused(f"epoch {epoch}: impossible epoch_seconds {epoch_seconds}", file)
-        cumulative += epoch_seconds
-        if not close(_get(row, "timed_seconds", (int, float), file), cumulative):
-            raise Refused(f"epoch {epoch}: timed_seconds {row['timed_seconds']} does not match the sum of "
-                          f"epoch_seconds so far ({cumulative:.3f})", file)
-        knn = row.get("knn_pct")
-        if (knn is not None) != (epoch in schedule):
-            raise Refused(f"epoch {epoch}: kNN check {'missing' if knn is None else 'outside the schedule'} "
-                          f"(check schedule {schedule})", file)
-        if knn is not None and not isinstance(knn, (int, float)):
-            raise Refused(f"epoch {epoch}: knn_pct should be a number, got {knn!r}", file)
-        if knn is not None and knn >= target and i != len(rows) - 1:
-            raise Refused(f"run did not stop at the first check that reached the target (epoch {epoch}: {knn} %)",
-                          file)
-    last = rows[-1]
-    if last["epoch"] > config["epochs"]:
-        raise Refused(f"ran {last['epoch']} epochs, more than config.epochs {config['epochs']}", file)
-    if last.get("knn_pct") is None:
-        raise Refused(f"run stopped at epoch {last['epoch']}, which is not a check epoch", file)
-
-    timed = _get(log, "result.timed_seconds", (int, float), file)
-    time_to_target = _get(log, "result.time_to_target_seconds", (int, float), file)
-    if not (close(timed, cumulative) and close(time_to_target, cumulative) and close(last["timed_seconds"], timed)):
-        raise Refused(f"stated time does not match the rows: result.timed_seconds {timed}, time_to_target_seconds "
-                      f"{time_to_target}, sum of epoch_seconds {cumulative:.3f}", file)
-    if _get(log, "result.epochs_run", int, file) != last["epoch"]:
-        raise Refused(f"result.epochs_run {log['result']['epochs_run']} but the last row is epoch {last['epoch']}",
-                      file)
-    if knn_at_stop != last["knn_pct"]:
-        raise Refused(f"result.knn_at_stop_pct {knn_at_stop} differs from the last check {last['knn_pct']}", file)
-    if knn_at_stop < target:
-        raise Refused(f"kNN at stop {knn_at_stop} % is below the target {target} %", file)
-
+def rule_gpu_run(log: dict[str, Any]) -> None:
     env = log["environment"]
-    return Run(file=file, run_id=str(log.get("run_id")), seed=config["seed"], epochs_run=last["epoch"],
-               time_to_target_seconds=float(time_to_target), knn_at_stop_pct=float(knn_at_stop), gpu_name=gpu_name,
-               code_sha256=code_sha256, config=config, torch_version=str(env.get("torch")),
-               cuda_version=str(env.get("cuda")))
+    if env["device"] != "cuda":
+        raise Broken(f"environment.device is {_short(env['device'])}: records are GPU runs")
+    if log["config"]["device"] not in ("auto", "cuda"):
+        raise Broken(f"config.device is {_short(log['config']['device'])}, which cannot run on a GPU")
+    if not (isinstance(env["cuda"], str) and VERSION_PATTERN.fullmatch(env["cuda"])):
+        raise Broken(f"environment.cuda is {_short(env['cuda'])}, not the CUDA version of a GPU run")
+
+
+def gpu_model(name: str) -> str:
+    return " ".join(name.split())
+
+
+def _smi_lists(smi_name: str, name: str) -> bool:
+    smi, real = gpu_model(smi_name).casefold(), gpu_model(name).casefold()
+    # nvidia-smi shortens long names to fit its table, ending them with "..."
+    return smi == real or (smi.endswith("...") and len(smi) > 3 and real.startswith(smi[:-3].rstrip()))
+
+
+def rule_hardware(log: dict[str, Any]) -> None:
+    env, launch = log["environment"], log["launch"]
+    names = [env["gpu_name"], *env["gpu_names"]]
+    for name in names:
+        if not (isinstance(name, str) and GPU_NAME_PATTERN.fullmatch(name)):  # spaces are normalised away below
+            raise Broken(f"GPU name {_short(name)} is not a plain printable-ASCII name")
+    if not env["world_size"] == launch["world_size"] == len(env["gpu_names"]) >= 1:
+        raise Broken(f"environment.world_size {env['world_size']}, launch.world_size {launch['world_size']} and "
+                     f"{len(env['gpu_names'])} environment.gpu_names disagree")
+    if env["world_size"] > 1 and launch["torchrun"] is not True:
+        raise Broken(f"world_size {env['world_size']} without torchrun")
+    if {gpu_model(n).casefold() for n in names} != {gpu_model(env["gpu_name"]).casefold()}:
+        raise Broken(f"the ranks ran on different GPU models {_short(sorted(set(names)))}: hardware is one model")
+    smi = env["nvidia_smi"]
+    if not isinstance(smi, str):
+        raise Broken("environment.nvidia_smi is missing: a GPU run logs the nvidia-smi table")
+    listed = SMI_GPU_ROW.findall(smi)
+    if not any(_smi_lists(row, env["gpu_name"]) for row in listed):
+        raise Broken(f"GPU {env['gpu_name']!r} is not among the GPUs nvidia-smi lists ({_short(listed)})")
+    if not 1 <= env["gpu_count"] <= len(listed):
+        raise Broken(f"environment.gpu_count {env['gpu_count']} but nvidia-smi lists {len(listed)} GPUs")
+    driver = SMI_DRIVER.search(smi)
+    if env["driver"] is None or driver is None or driver.group(1) != env["driver"]:
+        raise Broken(f"environment.driver {_short(env['driver'])} is not the driver nvidia-smi reports "
+                     f"({driver.group(1) if driver else 'none'})")
+
+
+def rule_self_declared_eligibility(log: dict[str, Any]) -> None:
+    if log["eligible"] is not True or log["ineligible_reasons"]:
+        raise Broken(f"the log marks itself ineligible: eligible={log['eligible']}, reasons "
+                     f"{_short(log['ineligible_reasons'])}")
+
+
+def parse_argv(argv: list[str]) -> tuple[dict[str, str], str | None, str | None]:
+    """The harness CLI as `--field value` (or `--field=value`) pairs -> (field flags, --config, --preset)."""
+    flags: dict[str, str] = {}
+    config_file = preset = None
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        name, eq, value = token.partition("=")
+        if not re.fullmatch(r"--[a-z][a-z0-9-]*", name):
+            raise Broken(f"argv item {_short(token)} is not a --field flag")
+        if not eq:
+            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+                raise Broken(f"argv flag {name} has no value")
+            value = argv[i + 1]
+        i += 1 if eq else 2
+        field = name[2:].replace("-", "_")
+        if field == "config":
+            config_file = value
+        elif field == "preset":
+            preset = value
+        else:
+            flags[field] = value  # the last occurrence wins, as with argparse
+    return flags, config_file, preset
+
+
+def _flag_value(text: str, like: Any) -> Any:
+    """The value the harness's parser gives `text` for a field whose logged value is `like`."""
+    if isinstance(like, bool):
+        if text.lower() not in BOOL_WORDS:
+            raise ValueError(text)
+        return BOOL_WORDS[text.lower()]
+    if len(text) > 40:
+        raise ValueError(text)
+    if isinstance(like, int):
+        return int(text)  # as argparse's type=int; the comparison below bounds it
+    if isinstance(like, float):
+        return float(text)
+    if isinstance(like, str):
+        return text
+    raise ValueError(text)
+
+
+def rule_argv(log: dict[str, Any]) -> None:
+    """argv, config_sources and config must tell one story (without re-running the harness's resolution: entries
+    may add Config fields)."""
+    argv, config, sources = log["argv"], log["config"], log["config_sources"]
+    if log["launch"]["command"][1:] != argv or not log["launch"]["command"]:
+        raise Broken(f"launch.command {_short(log['launch']['command'])} is not the script followed by argv")
+    flags, config_file, preset = parse_argv(argv)
+    for field, text in flags.items():
+        if field not in config:
+            raise Broken(f"argv sets --{field.replace('_', '-')}, which is not a field of config")
+        try:
+            value = _flag_value(text, config[field])
+        except (ValueError, Broken):
+            raise Broken(f"argv gives --{field.replace('_', '-')} {_short(text)}, not a valid value for config."
+                         f"{field} ({_short(config[field])})") from None
+        if not _same_value(value, config[field]):
+            raise Broken(f"argv sets --{field.replace('_', '-')} {_short(text)} but config.{field} is "
+                         f"{_short(config[field])}")
+    if preset not in (None, "auto", "recipe", "cpu_demo"):
+        raise Broken(f"argv gives --preset {_short(preset)}, not a preset of the harness")
+    # auto resolves by whether CUDA is available: the recipe with a GPU, cpu_demo without
+    expected_preset = preset if preset not in (None, "auto") else (
+        "recipe" if log["environment"]["gpu_count"] > 0 else "cpu_demo")
+    if sources["preset"] != expected_preset:
+        raise Broken(f"config_sources.preset is {_short(sources['preset'])} but argv implies {expected_preset!r}")
+    if (config_file or None) != (sources["config_file"] or None):
+        raise Broken(f"config_sources.config_file is {_short(sources['config_file'])} but argv gives --config "
+                     f"{_short(config_file)}")
+    overrides = sources["file_overrides"]
+    if overrides and not config_file:
+        raise Broken("config_sources.file_overrides without a --config file in argv")
+    for key, value in overrides.items():
+        if key.startswith("_") or key not in config:
+            raise Broken(f"config_sources.file_overrides sets {_short(key)}, which is not a field of config")
+        if key not in flags and not _same_value(value, config[key]):
+            raise Broken(f"the config file sets {key}={_short(value)} but config.{key} is {_short(config[key])}")
+
+
+def _second_fields(obj: Any) -> Iterator[tuple[str, Any]]:
+    """(name, value) of every number stored under a key that names seconds, anywhere in the log."""
+    stack = [(obj, False)]
+    while stack:
+        value, in_seconds = stack.pop()
+        if isinstance(value, dict):
+            for key, child in value.items():
+                is_seconds = in_seconds or key.endswith("seconds")
+                if is_seconds and isinstance(child, NUMBER) and not isinstance(child, bool):
+                    yield key, child
+                stack.append((child, is_seconds))
+        elif isinstance(value, list):
+            stack.extend((child, in_seconds) for child in value)
+
+
+def _fields_ending(obj: Any, suffix: str) -> Iterator[tuple[str, Any]]:
+    """(key, value) of every number stored under a key ending in `suffix`, anywhere in the log."""
+    stack = [obj]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            stack.extend(value.values())
+            yield from ((k, v) for k, v in value.items()
+                        if k.endswith(suffix) and isinstance(v, NUMBER) and not isinstance(v, bool))
+        elif isinstance(value, list):
+            stack.extend(value)
+
+
+def rule_percentages(log: dict[str, Any]) -> None:
+    bad = [(key, value) for key, value in _fields_ending(log, "_pct") if not 0 <= value <= 100]
+    if bad:
+        raise Broken(f"not a percentage in [0, 100]: {_short(bad)}")
+
+
+def rule_no_negative_seconds(log: dict[str, Any]) -> None:
+    negative = [(key, value) for key, value in _second_fields(log) if value < 0]
+    if negative:
+        raise Broken(f"negative seconds: {_short(negative)}")
+
+
+def rule_epoch_rows(log: dict[str, Any]) -> None:
+    rows, config = log["epochs"], log["config"]
+    first = 0 if config["check_first_epoch"] == 0 else 1  # epoch 0 is a check of the untrained network
+    if not rows:
+        raise Broken("no epoch rows")
+    for i, row in enumerate(rows):
+        epoch = row["epoch"]
+        if epoch != first + i:
+            raise Broken(f"epochs[{i}] is epoch {epoch}, expected {first + i} (consecutive from {first})")
+        if epoch == 0:
+            if row["loss"] is not None or row["lr"] is not None or row["epoch_seconds"] != 0:
+                raise Broken("epoch 0 trains nothing: loss and lr null, epoch_seconds 0")
+            continue
+        if not row["epoch_seconds"] >= MIN_EPOCH_SECONDS:
+            raise Broken(f"epoch {epoch}: epoch_seconds {row['epoch_seconds']!r} is not a measured time "
+                         f"(at least {MIN_EPOCH_SECONDS} s)")
+        if row["loss"] is None or row["lr"] is None:
+            raise Broken(f"epoch {epoch} trained but logs no loss or lr")
+    if rows[-1]["epoch"] < 1:
+        raise Broken("the run trained no epoch")
+
+
+def rule_check_schedule(log: dict[str, Any]) -> None:
+    config = log["config"]
+    if config["check_first_epoch"] < 0 or config["check_every_epochs"] < 1 or config["epochs"] < 1:
+        raise Broken(f"impossible check schedule: check_first_epoch {config['check_first_epoch']}, "
+                     f"check_every_epochs {config['check_every_epochs']}, epochs {config['epochs']}")
+    schedule = schedule_of(config)
+    for row in log["epochs"]:
+        epoch, knn = row["epoch"], row["knn_pct"]
+        if (knn is not None) != ab.is_check_epoch(schedule, epoch):
+            raise Broken(f"epoch {epoch}: kNN check {'missing' if knn is None else 'outside the schedule'} "
+                         f"(checks: epoch {config['check_first_epoch']}, then every {config['check_every_epochs']}, "
+                         f"and epoch {config['epochs']})")
+        if (row["knn_seconds"] is None) != (knn is None):
+            raise Broken(f"epoch {epoch}: knn_seconds {_short(row['knn_seconds'])} with knn_pct {_short(knn)}")
+
+
+def rule_stop_rule(log: dict[str, Any]) -> None:
+    config, rows, result = log["config"], log["epochs"], log["result"]
+    schedule = schedule_of(config)
+    for row in rows[:-1]:
+        if row["knn_pct"] is not None and ab.reached_target(schedule, row["knn_pct"]):
+            raise Broken(f"the run did not stop at the first check that reached the target (epoch {row['epoch']}: "
+                         f"{row['knn_pct']} %)")
+    last = rows[-1]
+    if last["knn_pct"] is None:
+        raise Broken(f"the run stopped after epoch {last['epoch']}, which has no kNN check")
+    if not ab.reached_target(schedule, last["knn_pct"]):
+        raise Broken(f"the last check, {last['knn_pct']} % at epoch {last['epoch']}, is below the target "
+                     f"{config['target_pct']} %")
+    if result["status"] != "reached_target" or result["reached_target"] is not True:
+        raise Broken(f"result.status is {_short(result['status'])} (reached_target {result['reached_target']})")
+    if result["target_pct"] != config["target_pct"]:
+        raise Broken(f"result.target_pct {result['target_pct']} is not config.target_pct {config['target_pct']}")
+    if result["knn_at_stop_pct"] != last["knn_pct"]:
+        raise Broken(f"result.knn_at_stop_pct {result['knn_at_stop_pct']} is not the last check {last['knn_pct']}")
+    if result["epochs_run"] != last["epoch"]:
+        raise Broken(f"result.epochs_run {result['epochs_run']} but the last row is epoch {last['epoch']}")
+
+
+def rule_timed_seconds(log: dict[str, Any]) -> None:
+    rows, result = log["epochs"], log["result"]
+    total = 0.0
+    for row in rows:
+        total += row["epoch_seconds"]
+        if not close(row["timed_seconds"], total):
+            raise Broken(f"epoch {row['epoch']}: timed_seconds {row['timed_seconds']} is not the sum of "
+                         f"epoch_seconds so far ({total:.3f})")
+    time_to_target = result["time_to_target_seconds"]
+    if time_to_target is None or not (close(result["timed_seconds"], total) and close(time_to_target, total)):
+        raise Broken(f"result.timed_seconds {result['timed_seconds']} and time_to_target_seconds {time_to_target} "
+                     f"are not the sum of epoch_seconds ({total:.3f})")
+
+
+def rule_untimed_seconds(log: dict[str, Any]) -> None:
+    untimed, rows = log["untimed_seconds"], log["epochs"]
+    if set(untimed) != {"data_load", "warmup", "knn_checks", "final_eval"}:
+        raise Broken(f"untimed_seconds has {_short(sorted(untimed))}, expected data_load, warmup, knn_checks, "
+                     "final_eval")
+    knn_total = sum(row["knn_seconds"] for row in rows if row["knn_seconds"] is not None)
+    if not close(untimed["knn_checks"], knn_total):
+        raise Broken(f"untimed_seconds.knn_checks {untimed['knn_checks']} is not the sum of knn_seconds "
+                     f"({knn_total:.3f})")
+    floor = log["result"]["timed_seconds"] + sum(untimed.values())
+    if not log["total_wall_seconds"] >= floor - 1e-3 - 1e-6 * floor:
+        raise Broken(f"total_wall_seconds {log['total_wall_seconds']} is less than timed plus untimed seconds "
+                     f"({floor:.3f})")
+
+
+Rule = Callable[[dict[str, Any]], None]
+RULES: tuple[tuple[str, Rule], ...] = (
+    ("source hash", rule_source_hash),
+    ("pinned evaluation", rule_pinned_evaluation),
+    ("official data", rule_official_data),
+    ("race settings", rule_race_settings),
+    ("gpu run", rule_gpu_run),
+    ("hardware", rule_hardware),
+    ("self-declared eligibility", rule_self_declared_eligibility),
+    ("argv", rule_argv),
+    ("no negative seconds", rule_no_negative_seconds),
+    ("percentages", rule_percentages),
+    ("epoch rows", rule_epoch_rows),
+    ("check schedule", rule_check_schedule),
+    ("stop rule", rule_stop_rule),
+    ("timed seconds", rule_timed_seconds),
+    ("untimed seconds", rule_untimed_seconds),
+)
+
+
+def _digest(values: Sequence[Any]) -> str:
+    return hashlib.sha256(json.dumps(list(values)).encode()).hexdigest()[:16]
+
+
+def validate_log(log: dict[str, Any] | str | os.PathLike[str], file: str | None = None) -> Run:
+    """Check one run log against every rule; return its summary or raise Refused naming the file and the rule.
+
+    `log` is a parsed log (dict) or the path of a log file; a path is read with the size limit and its file name
+    must be the run_id. `file` names the log in messages (default: the path, or the run_id)."""
+    if isinstance(log, (str, os.PathLike)):
+        return load_log_file(Path(log), follow_symlinks=True)[1]
+    file = file or (str(log.get("run_id"))[:128] if isinstance(log, dict) else "log")
+    try:
+        check_schema(log)
+    except Broken as e:
+        raise Refused(f"log schema: {e}", file) from None
+    for name, rule in RULES:
+        try:
+            rule(log)
+        except Broken as e:
+            raise Refused(f"{name}: {e}", file) from None
+    rows, env = log["epochs"], log["environment"]
+    checks = [row["knn_pct"] for row in rows if row["knn_pct"] is not None]
+    # A run is its content: the same epoch times or the same losses are the same run under any run_id.
+    identity = frozenset({f"run_id {log['run_id']}", f"epoch_seconds {_digest([r['epoch_seconds'] for r in rows])}",
+                          f"losses {_digest([r['loss'] for r in rows])}"})
+    return Run(file=f"{log['run_id']}.json", run_id=log["run_id"], created_utc=log["created_utc"],
+               seed=log["config"]["seed"], epochs_run=rows[-1]["epoch"],
+               # from the rows, the evidence; the rules made the stated result equal to them
+               time_to_target_seconds=math.fsum(row["epoch_seconds"] for row in rows),
+               knn_at_stop_pct=float(checks[-1] if checks else math.nan), gpu_model=gpu_model(env["gpu_name"]),
+               world_size=env["world_size"], code_sha256=log["code"]["sha256"], config=log["config"],
+               torch_version=env["torch"], cuda_version=str(env["cuda"]), identity=identity)
+
+
+def load_log_file(path: Path, follow_symlinks: bool) -> tuple[bytes, Run]:
+    """(raw bytes, validated Run) of a log file, whose name must be `<run_id>.json`."""
+    file = str(path)
+    try:
+        raw = read_bounded(path, MAX_LOG_BYTES, follow_symlinks)
+        log = parse_json(raw)
+    except Broken as e:
+        raise Refused(f"log file: {e}", file) from None
+    run = validate_log(log, file)
+    if path.name != run.file:
+        raise Refused(f"log file: the file is named {path.name!r}, but a log is named after its run_id "
+                      f"({run.file!r})", file)
+    return raw, run
+
+
+########################################
+#  Rules across runs and across records
+
+def same_run(a: Run, b: Run) -> str | None:
+    """What shows that two logs are one run (shared run_id, epoch times or losses), or None."""
+    shared = sorted(a.identity & b.identity)
+    return " and ".join(s.split(" ")[0] for s in shared) or None
 
 
 def validate_runs(runs: Sequence[Run]) -> None:
-    """Rules across the runs of one record: one recipe, one GPU model, distinct seeds, enough runs."""
+    """Rules across the runs of one record: enough runs, one code, one config, one hardware, distinct runs."""
     if len(runs) < MIN_RUNS:
-        raise Refused(f"a record needs at least {MIN_RUNS} runs, got {len(runs)}")
+        raise Refused(f"runs: a record needs at least {MIN_RUNS} runs, got {len(runs)}")
     ref = runs[0]
     for run in runs[1:]:
         if run.code_sha256 != ref.code_sha256:
-            raise Refused(f"code sha256 {run.code_sha256[:12]} differs from {ref.file}'s {ref.code_sha256[:12]}",
+            raise Refused(f"one code: sha256 {run.code_sha256[:12]} differs from {ref.file}'s {ref.code_sha256[:12]}",
                           run.file)
         keys = sorted((set(run.config) | set(ref.config)) - PER_RUN_CONFIG_KEYS)
-        differ = [k for k in keys if run.config.get(k, "<absent>") != ref.config.get(k, "<absent>")]
+        differ = [k for k in keys if not _same_value(run.config.get(k), ref.config.get(k))
+                  or (k in run.config) != (k in ref.config)]
         if differ:
-            diffs = ", ".join(f"{k}={run.config.get(k)!r} vs {ref.config.get(k)!r}" for k in differ)
-            raise Refused(f"config differs from {ref.file}'s: {diffs}", run.file)
-        if run.gpu_name != ref.gpu_name:
-            raise Refused(f"GPU {run.gpu_name!r} differs from {ref.file}'s {ref.gpu_name!r}: "
-                          "times are compared only on one GPU model", run.file)
-    for attr, what in (("seed", "seed"), ("run_id", "run_id"), ("file", "log file name")):
-        values = [getattr(r, attr) for r in runs]
-        dupes = sorted({str(v) for v in values if values.count(v) > 1})
-        if dupes:
-            raise Refused(f"duplicate {what} {', '.join(dupes)}: the same run counted twice")
+            diffs = ", ".join(f"{k}={_short(run.config.get(k))} vs {_short(ref.config.get(k))}" for k in differ)
+            raise Refused(f"one config: differs from {ref.file}'s: {diffs}", run.file)
+        if run.hardware.casefold() != ref.hardware.casefold():
+            raise Refused(f"one hardware: {run.hardware!r} differs from {ref.file}'s {ref.hardware!r}", run.file)
+    seeds = [r.seed for r in runs]
+    dupes = sorted({s for s in seeds if seeds.count(s) > 1})
+    if dupes:
+        raise Refused(f"distinct runs: seed {', '.join(map(str, dupes))} appears twice")
+    for i, a in enumerate(runs):
+        for b in runs[i + 1:]:
+            evidence = same_run(a, b) or (a.file == b.file and "file name")
+            if evidence:
+                raise Refused(f"distinct runs: {b.file} is the same run as {a.file} (same {evidence})", b.file)
 
 
-def load_log_file(path: Path) -> tuple[bytes, Run]:
-    try:
-        raw = path.read_bytes()
-        log = json.loads(raw.decode("utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise Refused(f"cannot read log: {e}", str(path)) from e
-    return raw, validate_log(log, str(path))
+def hardware_key(record: Record) -> str:
+    return record.hardware.casefold()
+
+
+def by_hardware(records: Sequence[Record]) -> dict[str, list[Record]]:
+    """Records grouped by hardware (GPU model × count, case-insensitive), fastest first; a group is titled as its
+    first record spelled it."""
+    groups: dict[str, list[Record]] = {}
+    for record in sorted(records, key=lambda r: (r.date, r.folder.name)):
+        groups.setdefault(hardware_key(record), []).append(record)
+    titled = {group[0].hardware: sorted(group, key=lambda r: (r.mean_time, r.folder.name))
+              for group in groups.values()}
+    return dict(sorted(titled.items(), key=lambda item: item[0].casefold()))
+
+
+def group_of(record: Record, records: Sequence[Record]) -> list[Record]:
+    key = hardware_key(record)
+    return next((g for g in by_hardware(records).values() if hardware_key(g[0]) == key), [])
+
+
+def previous_record(record: Record, records: Sequence[Record]) -> Record | None:
+    """The record this one beat: each record is faster than all before it on its hardware, so the previous one is
+    the next slower in the same group."""
+    group = [r for r in group_of(record, [*records, record]) if r.folder.name != record.folder.name]
+    slower = [r for r in group if r.mean_time > record.mean_time]
+    return slower[0] if slower else None
+
+
+def record_problems(records: Sequence[Record]) -> list[str]:
+    """Rules between records: no run in two records, and on each hardware every record is faster than every record
+    dated before it (what `add` enforced when it was added)."""
+    problems = []
+    for i, a in enumerate(records):
+        for b in records[i + 1:]:
+            for run_a in a.runs:
+                for run_b in b.runs:
+                    evidence = same_run(run_a, run_b)
+                    if evidence:
+                        problems.append(f"one run, one record: {b.folder.name}/{run_b.file} is the same run as "
+                                        f"{a.folder.name}/{run_a.file} (same {evidence})")
+    for hardware, group in by_hardware(records).items():
+        for a in group:
+            for b in group:
+                if a.date < b.date and not b.mean_time < a.mean_time:
+                    problems.append(f"faster records: {b.folder.name} ({b.mean_time:.3f} s) is not faster than the "
+                                    f"earlier {a.folder.name} ({a.mean_time:.3f} s) on {hardware}")
+                elif a.date == b.date and a.folder.name < b.folder.name and a.mean_time == b.mean_time:
+                    problems.append(f"faster records: {a.folder.name} and {b.folder.name} tie on {hardware}")
+    return problems
+
+
+def date_problem(date: str, runs: Sequence[Run]) -> str | None:
+    latest = max(runs, key=lambda r: r.created_utc)
+    if latest.created_utc[:10] > date:
+        return f"record date {date} is before run {latest.run_id} was made ({latest.created_utc})"
+    return None
 
 
 ########################################
 #  Records on disk
 
-def record_dirs(records_dir: Path) -> list[Path]:
-    """Record folders; dot-folders (staging left by a crashed add) are not records."""
+def scan_records(records_dir: Path) -> tuple[list[Path], list[str]]:
+    """(record folders, problems with other entries). Dot-entries are staging leftovers of a crashed add: not
+    records, ignored by git, and removed by the next add or render."""
     if not records_dir.is_dir():
-        return []
-    return sorted(p for p in records_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+        return [], []
+    folders, problems = [], []
+    for entry in sorted(os.scandir(records_dir), key=lambda e: e.name):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_symlink():
+            problems.append(f"{entry.path} is a symbolic link: records hold plain folders and files")
+        elif entry.is_dir(follow_symlinks=False):
+            folders.append(Path(entry.path))
+        elif not (entry.name == "README.md" and entry.is_file(follow_symlinks=False)):
+            problems.append(f"{entry.path} is not a record folder: records/ holds record folders and README.md")
+    return folders, problems
+
+
+def _meta_field(meta: dict[str, Any], key: str, kind: type) -> Any:
+    try:
+        return _get(meta, key, kind)
+    except Broken as e:
+        raise Refused(f"record.json: {e}") from None
 
 
 def load_record(folder: Path) -> Record:
     """Read record.json for what the submitter chose (name, date, description, logs) and re-validate the logs."""
-    meta_path = folder / "record.json"
+    where = str(folder)
     try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise Refused(f"cannot read record.json: {e}", str(folder)) from e
-    for key, kind in (("name", str), ("date", str), ("description", str), ("logs", list)):
-        _get(meta, key, kind, str(meta_path))
-    if folder.name != f"{meta['date']}_{meta['name']}":
-        raise Refused(f"folder name does not match record.json date and name ({meta['date']}_{meta['name']})",
-                      str(folder))
-    runs = []
-    for name in meta["logs"]:
-        if not isinstance(name, str) or Path(name).name != name:
-            raise Refused(f"record.json lists a log that is not a plain file name: {name!r}", str(meta_path))
-        runs.append(dataclasses.replace(load_log_file(folder / name)[1], file=name))
-    validate_runs(runs)
-    return Record(folder=folder, name=meta["name"], date=meta["date"], description=meta["description"],
-                  runs=tuple(runs))
+        meta = parse_json(read_bounded(folder / "record.json", MAX_RECORD_JSON_BYTES, follow_symlinks=False))
+        check_json_values(meta)
+    except Broken as e:
+        raise Refused(f"record.json {e}", where) from None
+    if not isinstance(meta, dict):
+        raise Refused("record.json is not a JSON object", where)
+    name, date = _meta_field(meta, "name", str), _meta_field(meta, "date", str)
+    description, logs = _meta_field(meta, "description", str), _meta_field(meta, "logs", list)
+    if not (NAME_PATTERN.fullmatch(name) and DATE_PATTERN.fullmatch(date)) or folder.name != f"{date}_{name}":
+        raise Refused(f"record folder: the name does not match record.json date and name ({date}_{name})", where)
+    if not all(isinstance(f, str) and RUN_ID_PATTERN.fullmatch(f) and f.endswith(".json") for f in logs) or (
+            len(set(logs)) != len(logs)) or set(logs) & {*GENERATED_FILES, SUBMITTER_FILE}:
+        raise Refused(f"record.json: logs {_short(logs)} are not distinct plain .json file names", where)
+    expected = {*logs, *GENERATED_FILES, SUBMITTER_FILE}
+    for entry in os.scandir(folder):
+        if entry.is_symlink():
+            raise Refused(f"no symlinks: {entry.name} is a symbolic link", where)
+        if entry.name not in expected or not entry.is_file(follow_symlinks=False):
+            raise Refused(f"no unlisted files: {entry.name} is not a log listed in record.json nor a record file",
+                          where)
+    if not (folder / SUBMITTER_FILE).is_file():
+        raise Refused(f"{SUBMITTER_FILE} is missing: the submitter's note is part of a record", where)
+    runs = [load_log_file(folder / log_name, follow_symlinks=False)[1] for log_name in logs]
+    try:
+        validate_runs(runs)
+    except Refused as e:
+        raise Refused(str(e), f"{where}/{e.file}" if e.file else where) from None
+    problem = date_problem(date, runs)
+    if problem:
+        raise Refused(problem, where)
+    return Record(folder=folder, name=name, date=date, description=description, runs=tuple(runs))
 
 
 def load_records(records_dir: Path) -> list[Record]:
-    return [load_record(folder) for folder in record_dirs(records_dir)]
-
-
-def by_gpu(records: Sequence[Record]) -> dict[str, list[Record]]:
-    """Records grouped by GPU model, fastest first (ties broken by folder name so output is deterministic)."""
-    groups: dict[str, list[Record]] = {}
-    for record in sorted(records, key=lambda r: (r.mean_time, r.folder.name)):
-        groups.setdefault(record.gpu_name, []).append(record)
-    return dict(sorted(groups.items()))
-
-
-def previous_record(record: Record, records: Sequence[Record]) -> Record | None:
-    """The record this one beat: every record must be faster than all before it on its GPU, so the previous one
-    is the next slower on the same GPU."""
-    same_gpu = by_gpu(records).get(record.gpu_name, [])
-    names = [r.folder.name for r in same_gpu]
-    i = names.index(record.folder.name) if record.folder.name in names else len(same_gpu)
-    slower = [r for r in same_gpu[i:] if r.folder.name != record.folder.name]
-    return slower[0] if slower else None
+    """Every record, validated alone and against the others; the first problem is raised."""
+    folders, problems = scan_records(records_dir)
+    if problems:
+        raise Refused(problems[0])
+    records = [load_record(folder) for folder in folders]
+    problems = record_problems(records)
+    if problems:
+        raise Refused(problems[0])
+    return records
 
 
 ########################################
@@ -346,6 +1145,13 @@ def format_p(p: float) -> str:
     return f"{p:.2g}"
 
 
+def markdown_cell(text: str) -> str:
+    """Any text as one table cell: printable ASCII on one line, '|' escaped. `add` refuses descriptions that need
+    this; it keeps records written before that rule (or edited by hand) from breaking leaderboard.md."""
+    printable = "".join(c if " " <= c <= "~" else " " for c in text)
+    return " ".join(printable.split()).replace("\\", "\\\\").replace("|", "\\|")
+
+
 def record_json(record: Record, records: Sequence[Record]) -> str:
     time_mean, time_std = stats.summarize(record.times)
     acc_mean, acc_std = stats.summarize(record.accs)
@@ -354,7 +1160,9 @@ def record_json(record: Record, records: Sequence[Record]) -> str:
         "name": record.name,
         "date": record.date,
         "description": record.description,
-        "gpu_name": record.gpu_name,
+        "hardware": record.hardware,
+        "gpu_model": record.runs[0].gpu_model,
+        "world_size": record.runs[0].world_size,
         "n_runs": len(record.runs),
         "target_pct": TARGET_PCT,
         "time_mean_seconds": time_mean,
@@ -380,7 +1188,7 @@ def statistics_md(record: Record, records: Sequence[Record]) -> str:
         ("Generated by `python tools/leaderboard.py add` from the run logs in this folder; "
          "`python tools/leaderboard.py check` fails if it no longer matches them. Do not edit."),
         "",
-        f"- GPU: {record.gpu_name}",
+        f"- Hardware: {record.hardware}",
         f"- Code: sha256 `{record.runs[0].code_sha256}`",
         f"- Versions: {'; '.join(versions)}",
         f"- Target: kNN k={KNN_K} test accuracy >= {TARGET_PCT} %",
@@ -404,12 +1212,12 @@ def statistics_md(record: Record, records: Sequence[Record]) -> str:
         (f"One-sided one-sample t-test of H0: mean kNN accuracy at stop <= {TARGET_PCT} % against "
          f"H1: mean > {TARGET_PCT} % (df = {len(record.runs) - 1}): p = {format_p(p)}."),
         "",
-        "## Versus the previous record on this GPU",
+        "## Versus the previous record on this hardware",
         "",
     ]
     previous = previous_record(record, records)
     if previous is None:
-        lines.append(f"First record on {record.gpu_name}.")
+        lines.append(f"First record on {record.hardware}.")
     else:
         w = stats.welch(record.times, previous.times)
         lines += [
@@ -436,9 +1244,10 @@ def render_leaderboard(records: Sequence[Record], leaderboard_path: Path, record
         "# airbench-ssl leaderboard",
         "",
         (f"Wall-clock time for SimCLR to reach {TARGET_PCT} % cosine kNN (k={KNN_K}) accuracy on the official "
-         f"CIFAR-10 test set, training on the 50k train set only. A record is at least {MIN_RUNS} runs that were not "
-         "cherry-picked, with one code hash and one config (seeds aside), all reaching the target under a check "
-         "schedule fixed in advance; times are compared only on the same GPU model. "
+         f"CIFAR-10 test set, training on the 50k train set only, judged by the harness's own evaluation. A record "
+         f"is at least {MIN_RUNS} runs that were not cherry-picked, with one code hash and one config (seeds aside), "
+         "all reaching the target under a check schedule fixed in advance; times are compared only on the same "
+         "hardware (GPU model × number of GPUs). "
          f"The full rules are in [records/README.md]({rules_link}). This file is generated by "
          "`python tools/leaderboard.py render` from `records/`, and CI runs `python tools/leaderboard.py check`: "
          "do not edit it by hand."),
@@ -454,12 +1263,12 @@ def render_leaderboard(records: Sequence[Record], leaderboard_path: Path, record
     lines += [f"| {recipe} | {REFERENCE_HARDWARE} | {epochs} | {acc} | {time} | {REFERENCE_SOURCE} |"
               for recipe, epochs, acc, time in REFERENCE_ROWS]
     lines += ["", "## Records", ""]
-    groups = by_gpu(records)
+    groups = by_hardware(records)
     if not groups:
         lines.append("No records yet.")
-    for gpu, group in groups.items():
+    for hardware, group in groups.items():
         lines += [
-            f"### {gpu}",
+            f"### {hardware}",
             "",
             (f"| # | Time to target (mean ± std) | Runs | kNN at stop (mean ± std) | p (kNN > {TARGET_PCT}) "
              "| Description | Date | Record |"),
@@ -470,10 +1279,9 @@ def render_leaderboard(records: Sequence[Record], leaderboard_path: Path, record
             acc_mean, acc_std = stats.summarize(r.accs)
             p = stats.one_sided_ttest_ge(r.accs, TARGET_PCT)
             link = os.path.relpath(r.folder.resolve(), base)
-            description = r.description.replace("|", "\\|").replace("\n", " ")
             lines.append(f"| {rank} | {format_duration(time_mean)} ± {time_std:.1f} s | {len(r.runs)} "
                          f"| {acc_mean:.2f} ± {acc_std:.2f} % | {format_p(p)} "
-                         f"| {description} | {r.date} | [{r.folder.name}]({link}/) |")
+                         f"| {markdown_cell(r.description)} | {r.date} | [{r.folder.name}]({link}/) |")
         lines.append("")
     return "\n".join(lines).rstrip("\n") + "\n"
 
@@ -500,6 +1308,18 @@ def write_synced(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
+def sync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def temp_pattern(path: Path) -> str:
+    return f".{path.name}.*.tmp"
+
+
 def stage_file(path: Path, text: str) -> Path:
     """Write text to a temp file beside path (same filesystem, so os.replace is atomic) and return its name."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -513,62 +1333,94 @@ def stage_file(path: Path, text: str) -> Path:
     return Path(tmp)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    os.replace(stage_file(path, text), path)
+def ensure_replaceable(path: Path) -> None:
+    """Refuse before writing anything if `path` could not be replaced by a file (e.g. it is a folder)."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(mode):
+        raise Refused(f"{path} exists and is not a regular file: move it away, then run the command again")
 
 
-def remove_stale_staging(records_dir: Path) -> None:
-    """Staging folders left by a crashed add; only called under the lock, so no add is using them."""
+def remove_leftovers(records_dir: Path, leaderboard_path: Path) -> None:
+    """Staging folders and temp files of a crashed add or render; only called under the lock, so no running
+    command owns them."""
     for p in records_dir.glob(f"{STAGING_PREFIX}*"):
-        shutil.rmtree(p, ignore_errors=True)
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    for p in leaderboard_path.parent.glob(temp_pattern(leaderboard_path)):
+        if not p.is_dir() or p.is_symlink():
+            p.unlink(missing_ok=True)
 
 
 ########################################
 #  Commands
 
+def check_submission(name: str, description: str, date: str, today: datetime.date) -> None:
+    if not NAME_PATTERN.fullmatch(name):
+        raise Refused(f"--name {name!r}: use up to 64 letters, digits, '-' and '_', starting with a letter or digit")
+    try:
+        if not DATE_PATTERN.fullmatch(date):
+            raise ValueError(date)
+        day = datetime.date.fromisoformat(date)
+    except ValueError:
+        raise Refused(f"--date {date!r}: expected a real date as YYYY-MM-DD") from None
+    if day > today + datetime.timedelta(days=1):
+        raise Refused(f"--date {date} is in the future")
+    if not DESCRIPTION_PATTERN.fullmatch(description) or description != description.strip():
+        raise Refused(f"--description {description!r}: one line of 1 to {MAX_DESCRIPTION_CHARS} printable ASCII "
+                      "characters, without '|' or surrounding spaces")
+
+
 def add(log_paths: Sequence[Path], name: str, description: str, date: str, records_dir: Path,
         leaderboard_path: Path) -> Record:
-    if not NAME_PATTERN.fullmatch(name):
-        raise Refused(f"--name {name!r}: use letters, digits, '-' and '_' only")
-    try:
-        if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", date):
-            raise ValueError(date)
-        datetime.date.fromisoformat(date)
-    except ValueError as e:
-        raise Refused(f"--date {date!r}: expected a real date as YYYY-MM-DD") from e
-    loaded = [load_log_file(p) for p in log_paths]
-    for p in log_paths:
-        if not p.name.endswith(".json") or p.name in GENERATED_FILES:
-            raise Refused("log file names must end in .json and not be record.json", str(p))
-    runs = [dataclasses.replace(run, file=p.name) for p, (_, run) in zip(log_paths, loaded)]
+    check_submission(name, description, date, datetime.datetime.now(datetime.UTC).date())
+    loaded = [load_log_file(p, follow_symlinks=True) for p in log_paths]
+    runs = [run for _, run in loaded]
     validate_runs(runs)
+    problem = date_problem(date, runs)
+    if problem:
+        raise Refused(f"--date: {problem}")
 
     with locked(records_dir):
-        remove_stale_staging(records_dir)
+        remove_leftovers(records_dir, leaderboard_path)
         try:
             existing = load_records(records_dir)
         except Refused as e:
             raise Refused(f"an existing record no longer validates ({e.line()}); run `check` and fix it first") from e
+        ensure_replaceable(leaderboard_path)
         folder = records_dir / f"{date}_{name}"
-        if folder.exists():
+        if os.path.lexists(folder):
             raise Refused(f"{folder} already exists")
         for record in existing:
-            reused = {r.run_id for r in record.runs} & {r.run_id for r in runs}
-            if reused:
-                raise Refused(f"run {min(reused)} already belongs to record {record.folder.name}: "
-                              "picking runs out of a record is cherry-picking")
+            for old in record.runs:
+                for run in runs:
+                    evidence = same_run(run, old)
+                    if evidence:
+                        raise Refused(f"one run, one record: this is the same run as {record.folder.name}/{old.file} "
+                                      f"(same {evidence})", run.file)
         new = Record(folder=folder, name=name, date=date, description=description, runs=tuple(runs))
-        best = by_gpu(existing).get(new.gpu_name, [None])[0]
-        if best is not None and not new.mean_time < best.mean_time:
-            raise Refused(f"not faster than {best.folder.name} ({best.mean_time:.3f} s) on {new.gpu_name}: "
-                          f"mean time to target {new.mean_time:.3f} s")
+        group = [r for r in group_of(new, [*existing, new]) if r is not new]
+        if group and not new.mean_time < group[0].mean_time:
+            raise Refused(f"faster records: not faster than {group[0].folder.name} ({group[0].mean_time:.3f} s) on "
+                          f"{group[0].hardware}: mean time to target {new.mean_time:.3f} s")
+        latest = max(group, key=lambda r: r.date, default=None)
+        if latest is not None and date < latest.date:
+            raise Refused(f"--date {date} is before {latest.folder.name}: records on one hardware are dated in the "
+                          "order they were added")
         records = [*existing, new]
+        problems = record_problems(records)
+        if problems:
+            raise Refused(problems[0])
 
         # Everything is computed before anything is written; the new folder appears by one rename.
         files = {run.file: raw for run, (raw, _) in zip(runs, loaded)}
         files["record.json"] = record_json(new, records).encode("utf-8")
         files["statistics.md"] = statistics_md(new, records).encode("utf-8")
-        files["README.md"] = readme_stub(name, description).encode("utf-8")
+        files[SUBMITTER_FILE] = readme_stub(name, description).encode("utf-8")
         board = render_leaderboard(records, leaderboard_path, records_dir)
         staging = Path(tempfile.mkdtemp(dir=records_dir, prefix=f"{STAGING_PREFIX}{name}-"))
         try:
@@ -578,12 +1430,18 @@ def add(log_paths: Sequence[Path], name: str, description: str, date: str, recor
             staged_board = stage_file(leaderboard_path, board)
             try:
                 os.rename(staging, folder)
+                try:
+                    os.replace(staged_board, leaderboard_path)
+                except BaseException:
+                    os.rename(folder, staging)  # undo: the record appears only together with its leaderboard row
+                    raise
             except BaseException:
-                staged_board.unlink()
+                staged_board.unlink(missing_ok=True)
                 raise
-            # A crash between these two renames leaves a valid record and a stale leaderboard.md, which `check`
-            # reports and `render` repairs.
-            os.replace(staged_board, leaderboard_path)
+            # Killed between the two renames, add leaves a valid record and a stale leaderboard.md: `check` reports
+            # it and the next `render` or `add` rewrites it.
+            sync_folder(records_dir)
+            sync_folder(leaderboard_path.parent)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return new
@@ -591,31 +1449,37 @@ def add(log_paths: Sequence[Path], name: str, description: str, date: str, recor
 
 def render(records_dir: Path, leaderboard_path: Path) -> int:
     with locked(records_dir):
+        remove_leftovers(records_dir, leaderboard_path)
         records = load_records(records_dir)
-        write_atomic(leaderboard_path, render_leaderboard(records, leaderboard_path, records_dir))
+        ensure_replaceable(leaderboard_path)
+        os.replace(stage_file(leaderboard_path, render_leaderboard(records, leaderboard_path, records_dir)),
+                   leaderboard_path)
     return len(records)
 
 
 def check(records_dir: Path, leaderboard_path: Path) -> list[str]:
-    """Every disagreement between records/, its generated files and leaderboard.md, one line each."""
-    problems, records = [], []
-    for folder in record_dirs(records_dir):
+    """Every disagreement between records/, its generated files and leaderboard.md, one line each. Read-only."""
+    folders, problems = scan_records(records_dir)
+    records = []
+    for folder in folders:
         try:
             records.append(load_record(folder))
         except Refused as e:
             problems.append(f"record does not validate: {e.line()}")
     if problems:
         return problems
+    problems = record_problems(records)
+    if problems:
+        return problems
     for record in records:
         for file_name, expected in (("record.json", record_json(record, records)),
                                     ("statistics.md", statistics_md(record, records))):
             path = record.folder / file_name
-            if not path.is_file() or path.read_text(encoding="utf-8") != expected:
+            if not path.is_file() or path.read_bytes() != expected.encode("utf-8"):
                 problems.append(f"{path} does not match its logs; regenerate it from them")
-        if not (record.folder / "README.md").is_file():
-            problems.append(f"{record.folder / 'README.md'} is missing: the submitter's note is part of a record")
-    expected_board = render_leaderboard(records, leaderboard_path, records_dir)
-    if not leaderboard_path.is_file() or leaderboard_path.read_text(encoding="utf-8") != expected_board:
+    expected_board = render_leaderboard(records, leaderboard_path, records_dir).encode("utf-8")
+    if (not leaderboard_path.is_file() or leaderboard_path.is_symlink()
+            or leaderboard_path.read_bytes() != expected_board):
         problems.append(f"{leaderboard_path} differs from what `render` produces; run "
                         "`python tools/leaderboard.py render`")
     return problems
@@ -632,7 +1496,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_add = sub.add_parser("add", parents=[paths], help="validate run logs, create records/DATE_NAME/, re-render")
     p_add.add_argument("logs", nargs="+", type=Path, help=f"run logs (JSON), at least {MIN_RUNS}")
     p_add.add_argument("--name", required=True, help="ShortName: letters, digits, '-' and '_'")
-    p_add.add_argument("--description", default="", help="one line for the leaderboard")
+    p_add.add_argument("--description", default="", help="one line for the leaderboard: what changed")
     p_add.add_argument("--date", default=datetime.datetime.now(datetime.UTC).date().isoformat(),
                        help="YYYY-MM-DD, default today (UTC)")
     sub.add_parser("render", parents=[paths], help="rewrite leaderboard.md from records/")
@@ -643,7 +1507,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "add":
             record = add(args.logs, args.name, args.description, args.date, args.records_dir, args.leaderboard)
             print(f"leaderboard: added {record.folder} ({len(record.runs)} runs, mean "
-                  f"{format_duration(record.mean_time)} on {record.gpu_name}); fill in {record.folder / 'README.md'}")
+                  f"{format_duration(record.mean_time)} on {record.hardware}); fill in {record.folder / 'README.md'}")
         elif args.command == "render":
             n = render(args.records_dir, args.leaderboard)
             print(f"leaderboard: rendered {args.leaderboard} ({n} records)")
@@ -653,7 +1517,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"leaderboard: check: {problem}", file=sys.stderr)
             if problems:
                 return 1
-            print(f"leaderboard: ok ({len(record_dirs(args.records_dir))} records)")
+            print(f"leaderboard: ok ({len(scan_records(args.records_dir)[0])} records)")
     except Refused as e:
         print(f"leaderboard: refused: {e.line()}", file=sys.stderr)
         return 1

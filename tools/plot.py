@@ -10,14 +10,17 @@ which they differ, and the seed), or by run_id when nothing does. The dashed lin
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 from collections.abc import Sequence
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only: no display on servers and in CI
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
-from compare import CompareError, differing_keys, load_log  # noqa: E402
+from compare import CompareError, OneLineParser, differing_keys, load_log  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 
 X_AXES = {"seconds": ("timed_seconds", "timed seconds"), "epochs": ("epoch", "epoch")}
 
@@ -34,7 +37,8 @@ def labels_for(logs: Sequence[dict]) -> list[str]:
     return labels
 
 
-def plot(logs: Sequence[dict], out: str, x: str = "both", target: float = 90.0) -> None:
+def draw(logs: Sequence[dict], x: str = "both", target: float = 90.0) -> Figure:
+    """The figure: one panel per x axis, one line per log through its kNN checks, the target as a dashed line."""
     axes_names = ["seconds", "epochs"] if x == "both" else [x]
     fig, axes = plt.subplots(1, len(axes_names), figsize=(6.5 * len(axes_names), 4.5), squeeze=False)
     for ax, name in zip(axes[0], axes_names):
@@ -52,13 +56,28 @@ def plot(logs: Sequence[dict], out: str, x: str = "both", target: float = 90.0) 
                       for log in logs})
     fig.suptitle(f"kNN accuracy of {len(logs)} run{'s' if len(logs) > 1 else ''} ({', '.join(devices)})")
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    return fig
+
+
+def plot(logs: Sequence[dict], out: str, x: str = "both", target: float = 90.0) -> None:
+    """Write the figure to `out` (PNG unless its extension names another format) via a temp file and a rename,
+    so a failed write never leaves a half-written image in place of an older one."""
+    fig = draw(logs, x, target)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(out)), prefix=".tmp_", suffix=".plot")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format=os.path.splitext(out)[1].lstrip(".").lower() or "png", dpi=120)
+        os.replace(tmp, out)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    finally:
+        plt.close(fig)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = OneLineParser(prog="plot", description=__doc__.split("\n\n")[0],
+                           formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("logs", nargs="+", help="run logs written by airbench_ssl.py")
     parser.add_argument("-o", "--out", required=True, help="PNG file to write")
     parser.add_argument("--x", choices=("seconds", "epochs", "both"), default="both", help="x axis")
@@ -69,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not any(row.get("knn_pct") is not None for log in logs for row in log["epochs"]):
             raise CompareError("none of the logs has a kNN check to plot")
         plot(logs, args.out, args.x, args.target)
-    except (CompareError, OSError) as error:
+    except (CompareError, OSError, ValueError) as error:  # ValueError: matplotlib knows no such image format
         print(f"plot: error: {error}", file=sys.stderr)
         return 1
     print(f"wrote {args.out}")

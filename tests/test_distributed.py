@@ -1,0 +1,358 @@
+"""Several processes, on CPU with gloo: the loss over gathered projections equals the single-process loss of the
+global batch, one DDP step equals one single-process step with per-shard BatchNorm, and torchrun runs of the harness
+(a tiny run, a rank that fails, bad batch sizes, --sync-bn on CPU) end as they should.
+
+The distributed pieces run once, in two processes (tests/dist_worker.py), on inputs this file makes; the references
+are computed here in one process. Every subprocess has a timeout and collectives a 60 s one: nothing can hang.
+"""
+
+import dataclasses
+import glob
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import ROOT
+
+import airbench_ssl as ab
+
+pytestmark = pytest.mark.usefixtures("one_compute_thread")
+
+WORLD = 2
+TESTS = os.path.join(ROOT, "tests")
+TIMEOUT_SECONDS = 180  # a hang fails the test long before gloo's or the harness's own timeouts
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop(proc):
+    """SIGTERM first: torchrun then ends the workers it started in their own sessions."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.communicate(timeout=45)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        return proc.communicate()
+
+
+def run_workers(folder, inputs, world=WORLD):
+    """Run tests/dist_worker.py as `world` ranks on `inputs` -> each rank's outputs."""
+    torch.save(inputs, os.path.join(folder, "inputs.pt"))
+    env = dict(os.environ, WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+               OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, os.path.join(TESTS, "dist_worker.py"), os.path.join(folder, "inputs.pt"),
+                               folder], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True) for r in range(world)]
+    deadline, outputs = time.monotonic() + TIMEOUT_SECONDS, []
+    for rank, proc in enumerate(procs):
+        try:
+            out, _ = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                os.killpg(p.pid, signal.SIGKILL)
+            pytest.fail(f"rank {rank} of dist_worker.py did not finish in {TIMEOUT_SECONDS} s")
+        outputs.append(out)
+    for rank, (proc, out) in enumerate(zip(procs, outputs)):
+        assert proc.returncode == 0, f"rank {rank} of dist_worker.py failed:\n{out[-3000:]}"
+    return [torch.load(os.path.join(folder, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+
+
+@dataclasses.dataclass
+class TorchrunResult:
+    returncode: int
+    stderr: str  # torchrun's own
+    rank_stdout: list
+    rank_stderr: list
+
+
+def torchrun(tmp_path, script, *args, env_extra=None):
+    """`python -m torch.distributed.run` with 2 CPU processes; each rank's output read from its own files."""
+    streams = tmp_path / "torchrun"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
+               "--redirects", "3", "--log-dir", str(streams), script, *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1", **(env_extra or {}))
+    proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=TIMEOUT_SECONDS)
+    except subprocess.TimeoutExpired:
+        stop(proc)
+        pytest.fail(f"torchrun did not finish in {TIMEOUT_SECONDS} s: {' '.join(command)}")
+
+    def read(rank, stream):
+        paths = glob.glob(str(streams / "*" / "attempt_0" / str(rank) / f"{stream}.log"))
+        assert len(paths) == 1, f"torchrun wrote no {stream} file for rank {rank}:\n{stderr[-3000:]}"
+        with open(paths[0], encoding="utf-8") as f:
+            return f.read()
+
+    return TorchrunResult(proc.returncode, stderr, [read(r, "stdout") for r in range(WORLD)],
+                          [read(r, "stderr") for r in range(WORLD)])
+
+
+def error_lines(text):
+    """Lines of a rank's stderr that are not warnings (the synthetic data's md5 warning, library warnings)."""
+    return [line for line in text.splitlines() if line.strip() and "WARNING" not in line and "Warning" not in line
+            and not line.startswith("  warnings.warn")]
+
+
+# --------------------------------------------------------------------------- inputs and their references
+
+GATHER_CASES = [dict(n_views=2, n=6, temperature=0.5), dict(n_views=3, n=4, temperature=0.2)]
+BATCH, SEED = 8, 3
+TINY = dict(width=8, projector_hidden_dim=32, projector_out_dim=16, batch_size=BATCH, base_lr=2.0, momentum=0.9,
+            weight_decay=5e-4, device="cpu", compile="off", bf16="off", channels_last="off", seed=SEED)
+TRAINER_CASES = [dict(local_crops=0), dict(local_crops=2, local_crop_size=16)]
+SPLIT_CASES = [(dict(batch_size=7), 14, "[7]"), (dict(batch_size=8), 20, None),
+               (dict(batch_size=8), 21, "[5, 8]"), (dict(batch_size=8, drop_last=True), 21, None)]
+
+
+def shard(x, n_views, rank, world=WORLD):
+    """Rank `rank`'s rows of a view-major batch: its slice of the images, in every view, still view-major."""
+    per_view = x.view(n_views, len(x) // n_views, *x.shape[1:])
+    n = per_view.shape[1] // world
+    return per_view[:, rank * n:(rank + 1) * n].reshape(-1, *x.shape[1:])
+
+
+def global_z(case):
+    return torch.randn(case["n_views"] * case["n"], 5, generator=torch.Generator().manual_seed(case["n"])) * 2
+
+
+def trainer_config(case):
+    return ab.Config(**TINY, **case)
+
+
+def global_views(cfg):
+    g = torch.Generator().manual_seed(cfg.local_crops)
+    views = [torch.rand(BATCH, 3, 32, 32, generator=g) for _ in range(2)]
+    if cfg.local_crops:  # crop c of image i at row c * BATCH + i, as Trainer.views makes them
+        views.append(torch.rand(cfg.local_crops * BATCH, 3, cfg.local_crop_size, cfg.local_crop_size, generator=g))
+    return views
+
+
+def rank_views(cfg, rank):
+    """What rank `rank` makes from its half of the images: both views of them and all their local crops."""
+    views = global_views(cfg)
+    return [shard(view, len(view) // BATCH, rank) for view in views]
+
+
+@pytest.fixture(scope="module")
+def cpu_job(tmp_path_factory):
+    """One 2-process gloo job runs every case -> each rank's outputs."""
+    folder = str(tmp_path_factory.mktemp("dist"))
+    inputs = dict(
+        device="cpu",
+        gather=[dict(n_views=c["n_views"], temperature=c["temperature"],
+                     local=[shard(global_z(c), c["n_views"], r) for r in range(WORLD)]) for c in GATHER_CASES],
+        trainer=[dict(config=dataclasses.asdict(trainer_config(c)), n_train=BATCH,
+                      views=[rank_views(trainer_config(c), r) for r in range(WORLD)]) for c in TRAINER_CASES],
+        split=[dict(config=dataclasses.asdict(ab.Config(**TINY | fields)), n_train=n) for fields, n, _ in SPLIT_CASES])
+    return run_workers(folder, inputs)
+
+
+def one_step_reference(cfg, initial, per_shard_batchnorm=True, device="cpu"):
+    """One process, the global batch: the same step, with BatchNorm statistics per shard (as DDP computes them:
+    each view's half-batch on each rank) or over the whole batch -> (loss, parameters)."""
+    model = ab.make_model(cfg.arch, cfg.width, cfg.projector_hidden_dim, cfg.projector_out_dim).to(device)
+    model.load_state_dict(initial)
+    views = [view.to(device) for view in global_views(cfg)]
+    n_views = 2 + cfg.local_crops
+    head = lambda x: model.projector(model.backbone(x))  # noqa: E731
+    if per_shard_batchnorm:
+        blocks = [torch.cat([head(view[r * BATCH // WORLD:(r + 1) * BATCH // WORLD]) for r in range(WORLD)])
+                  for view in views[:2]]
+        if cfg.local_crops:  # each rank's local crops are one batch; put its rows back in global view-major order
+            per_rank = [head(rank_views(cfg, r)[2].to(device)).view(cfg.local_crops, BATCH // WORLD, -1)
+                        for r in range(WORLD)]
+            blocks.append(torch.cat(per_rank, dim=1).flatten(0, 1))
+        z = torch.cat(blocks)
+    else:
+        z = torch.cat([head(view) for view in views])
+    loss = ab.info_nce(z, cfg.temperature, n_views)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.base_lr * cfg.batch_size / 256, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return loss.detach().cpu(), {k: v.detach().cpu() for k, v in model.named_parameters()}
+
+
+# --------------------------------------------------------------------------- gather_views + info_nce
+
+
+@pytest.mark.parametrize("index", range(len(GATHER_CASES)))
+def test_gathered_projections_are_the_global_batch_view_major(cpu_job, index):
+    z = global_z(GATHER_CASES[index])
+    for rank in range(WORLD):
+        assert torch.equal(cpu_job[rank]["gather"][index]["gathered"], z)
+
+
+@pytest.mark.parametrize("index", range(len(GATHER_CASES)))
+def test_loss_over_ranks_is_the_single_process_loss_of_the_global_batch(cpu_job, index):
+    case = GATHER_CASES[index]
+    expected = ab.info_nce(global_z(case), case["temperature"], case["n_views"])
+    for rank in range(WORLD):
+        torch.testing.assert_close(cpu_job[rank]["gather"][index]["loss"], expected, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("index", range(len(GATHER_CASES)))
+def test_each_rank_gets_world_size_times_its_rows_of_the_global_gradient(cpu_job, index):
+    # Every rank computes the same global loss; all_gather's backward sums the ranks' gradients for each shard, so a
+    # rank's own rows get world_size times the global gradient. DDP's averaging of the parameter gradients over the
+    # ranks divides it out again (the one-step tests below check that end to end).
+    case = GATHER_CASES[index]
+    z = global_z(case).requires_grad_()
+    ab.info_nce(z, case["temperature"], case["n_views"]).backward()
+    assert z.grad.abs().max() > 1e-3
+    for rank in range(WORLD):
+        torch.testing.assert_close(cpu_job[rank]["gather"][index]["grad"],
+                                   WORLD * shard(z.grad, case["n_views"], rank), rtol=1e-5, atol=1e-7)
+
+
+# --------------------------------------------------------------------------- one Trainer step on 2 processes
+
+
+@pytest.mark.parametrize("index", range(len(TRAINER_CASES)))
+def test_one_step_on_two_processes_is_one_step_with_per_shard_batchnorm(cpu_job, index):
+    cfg = trainer_config(TRAINER_CASES[index])
+    ranks = [cpu_job[r]["trainer"][index] for r in range(WORLD)]
+    assert all(torch.equal(v, ranks[1]["initial"][k]) for k, v in ranks[0]["initial"].items())
+    assert all(torch.equal(v, ranks[1]["params"][k]) for k, v in ranks[0]["params"].items())  # DDP keeps them equal
+    loss, expected = one_step_reference(cfg, ranks[0]["initial"])
+    for rank in ranks:
+        torch.testing.assert_close(rank["loss"], loss, rtol=1e-5, atol=0)
+    worst_error = max((ranks[0]["params"][k] - v).abs().max().item() for k, v in expected.items())
+    step = max((v - ranks[0]["initial"][k]).abs().max().item() for k, v in expected.items())
+    _, full_batch = one_step_reference(cfg, ranks[0]["initial"], per_shard_batchnorm=False)
+    batchnorm_effect = max((full_batch[k] - v).abs().max().item() for k, v in expected.items())
+    assert worst_error < 1e-6 and step > 1e-3, (worst_error, step)
+    # the comparison tells per-shard from whole-batch statistics, which --sync-bn would give
+    assert batchnorm_effect > 100 * worst_error, (batchnorm_effect, worst_error)
+
+
+@pytest.mark.parametrize("index", range(len(SPLIT_CASES)))
+def test_batches_that_do_not_split_over_the_ranks_are_refused(cpu_job, index):
+    _, n_train, sizes = SPLIT_CASES[index]
+    for rank in range(WORLD):
+        message = cpu_job[rank]["split"][index]
+        if sizes is None:
+            assert message is None
+        else:
+            assert message is not None and sizes in message and f"{n_train} training images" in message
+            assert "do not split over 2 processes" in message and "batch_size" in message
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="SyncBatchNorm needs 2 CUDA GPUs")
+@pytest.mark.parametrize("local_crops", [0, 2])
+def test_sync_bn_step_on_two_gpus_is_one_full_batch_step(tmp_path, monkeypatch, local_crops):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # compared at fp32 precision
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    cfg = dataclasses.replace(trainer_config(dict(local_crops=local_crops, local_crop_size=16)), device="cuda",
+                              sync_bn=True)
+    inputs = dict(device="cuda", trainer=[dict(config=dataclasses.asdict(cfg), n_train=BATCH,
+                                               views=[rank_views(cfg, r) for r in range(WORLD)])])
+    ranks = [out["trainer"][0] for out in run_workers(str(tmp_path), inputs)]
+    assert all(rank["sync_bn"] for rank in ranks)
+    loss, expected = one_step_reference(cfg, ranks[0]["initial"], per_shard_batchnorm=False, device="cuda")
+    for rank in ranks:
+        torch.testing.assert_close(rank["loss"], loss, rtol=1e-4, atol=0)
+        for name, value in expected.items():
+            torch.testing.assert_close(rank["params"][name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+# --------------------------------------------------------------------------- torchrun runs of the harness
+
+RUN = ["--preset", "recipe", "--device", "cpu", "--width", "8", "--projector-hidden-dim", "64", "--batch-size", "40",
+       "--download", "false", "--compile-warmup-steps", "0"]
+
+
+def read_logs(log_dir):
+    return [json.load(open(path)) for path in sorted(glob.glob(os.path.join(log_dir, "*.json")))]
+
+
+def probe_values(stdout):
+    """(rank, kNN %, evaluated here) from every knn_check call, as tests/dist_probe.py prints them."""
+    return [(int(rank), float(pct), evaluated == "True")
+            for _, rank, pct, evaluated in (line.split() for line in stdout.splitlines() if line.startswith("KNN "))]
+
+
+@pytest.mark.parametrize("epochs, check_first, target, status, checked", [
+    (2, 0, 100.0, "max_epochs", [0, 1, 2]),  # every check, to the last epoch
+    (3, 1, 1e-9, "reached_target", [1]),  # stops at the first check: both ranks must stop there
+])
+def test_torchrun_tiny_run_writes_one_log_and_every_rank_takes_rank0s_knn(fake_cifar_root, tmp_path, epochs,
+                                                                          check_first, target, status, checked):
+    log_dir = str(tmp_path / "logs")
+    run = torchrun(tmp_path, os.path.join(TESTS, "dist_probe.py"), *RUN, "--data-dir", fake_cifar_root, "--log-dir",
+                   log_dir, "--epochs", str(epochs), "--check-first-epoch", str(check_first), "--check-every-epochs",
+                   "1", "--target-pct", str(target))
+    assert run.returncode == 0, run.stderr[-3000:] + "\n".join(run.rank_stderr)
+    assert all(error_lines(err) == [] for err in run.rank_stderr), run.rank_stderr
+    logs = read_logs(log_dir)
+    assert len(logs) == 1
+    log = logs[0]
+    assert log["launch"]["world_size"] == 2 and log["launch"]["torchrun"] is True
+    assert log["environment"]["world_size"] == 2 and log["environment"]["gpu_names"] == [None, None]
+    assert log["result"]["status"] == status and log["result"]["epochs_run"] == checked[-1]
+    logged = [(row["epoch"], row["knn_pct"]) for row in log["epochs"] if row["knn_pct"] is not None]
+    assert [epoch for epoch, _ in logged] == checked
+    # rank 0 evaluates and every rank receives its number: the same accuracies, so the same stop decision
+    probes = [probe_values(out) for out in run.rank_stdout]
+    assert [(r, pct) for r, pct, _ in probes[0]] == [(0, pct) for _, pct in logged]
+    assert [(r, pct) for r, pct, _ in probes[1]] == [(1, pct) for _, pct in logged]
+    assert all(evaluated for *_, evaluated in probes[0]) and not any(evaluated for *_, evaluated in probes[1])
+    assert "TARGET" in run.rank_stdout[0] and run.rank_stdout[1].strip() == "\n".join(
+        f"KNN 1 {pct!r} False" for _, pct in logged)  # rank 1 prints nothing of its own
+
+
+@pytest.mark.parametrize("prompt_exit", ["0", "1"])  # 1: the failing rank's sockets close the moment it fails
+def test_torchrun_failing_rank_ends_every_process_and_logs_its_reason(fake_cifar_root, tmp_path, prompt_exit):
+    log_dir, marker = str(tmp_path / "logs"), str(tmp_path / "raised_at")
+    run = torchrun(tmp_path, os.path.join(TESTS, "dist_fault.py"), *RUN, "--data-dir", fake_cifar_root, "--log-dir",
+                   log_dir, "--epochs", "3", "--check-first-epoch", "3",
+                   env_extra=dict(DIST_FAULT_MARKER=marker, DIST_FAULT_PROMPT_EXIT=prompt_exit))
+    assert run.returncode != 0
+    with open(marker) as f:
+        raised_at = float(f.read())
+    # far below any collective timeout (the harness sets 30 min): a blocked rank 0 is ended by the failure report
+    assert time.time() - raised_at < 30
+    logs = read_logs(log_dir)
+    assert len(logs) == 1
+    result = logs[0]["result"]
+    assert result["status"] == "failed" and "rank 1" in result["message"] and "boom" in result["message"], result
+    first = logs[0]["epochs"][0]  # the epoch finished before the failure is kept
+    assert first["epoch"] == 1 and first["loss"] > 0 and first["epoch_seconds"] > 0
+    for rank, err in enumerate(run.rank_stderr):
+        lines = error_lines(err)
+        assert len(lines) == 1 and lines[0].startswith("airbench_ssl: error:") and "boom" in lines[0], (rank, err)
+
+
+def test_torchrun_batch_that_does_not_split_is_one_error_line(fake_cifar_root, tmp_path):
+    log_dir = str(tmp_path / "logs")
+    run = torchrun(tmp_path, os.path.join(ROOT, "airbench_ssl.py"), *RUN, "--data-dir", fake_cifar_root,
+                   "--log-dir", log_dir, "--batch-size", "41", "--epochs", "1")
+    assert run.returncode != 0
+    for rank, err in enumerate(run.rank_stderr):
+        lines = error_lines(err)
+        assert len(lines) == 1 and lines[0].startswith("airbench_ssl: error:"), (rank, err)
+        assert "do not split over 2 processes" in lines[0] and "[36, 41]" in lines[0], (rank, err)
+
+
+def test_torchrun_sync_bn_on_cpu_is_one_error_line(fake_cifar_root, tmp_path):
+    log_dir = str(tmp_path / "logs")
+    run = torchrun(tmp_path, os.path.join(ROOT, "airbench_ssl.py"), *RUN, "--data-dir", fake_cifar_root,
+                   "--log-dir", log_dir, "--sync-bn", "true", "--epochs", "1")
+    assert run.returncode != 0
+    for rank, err in enumerate(run.rank_stderr):
+        assert error_lines(err) == ["airbench_ssl: error: sync_bn needs CUDA GPUs: PyTorch's SyncBatchNorm does not "
+                                    "run on CPUs"], (rank, err)
+    assert read_logs(log_dir) == []  # refused before any run began
