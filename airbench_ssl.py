@@ -1,20 +1,17 @@
 """airbench-ssl: the SimCLR-on-CIFAR-10 speedrun harness.
 
 Race: reach 90.0% cosine kNN (k=10) test accuracy on CIFAR-10, self-supervised on the 50k training images only, in
-as little timed wall-clock as possible. The defaults are the reference recipe of dkobak/simclr-cifar10 (ResNet18,
-batch 512, grayscale p=0.1, 500 epochs: 90.3% in 1 h 39 min on an A100, as published there). Current record: none
-yet (leaderboard.md). Size budget: aim <= 600 lines, never past 800.
+as little timed wall-clock as possible. Defaults: the reference recipe of dkobak/simclr-cifar10 (ResNet18, batch 512,
+500 epochs: 90.3% in 1 h 39 min on an A100, as published). Record: none yet (leaderboard.md). Budget: <= 800 lines.
     python airbench_ssl.py [--field value ...]                       one GPU (every field: --help)
     torchrun --nproc_per_node=8 airbench_ssl.py [--field value ...]   one run on 8 GPUs; batch_size stays global
-Timed: the training epochs (shuffle, GPU augmentation, forward, loss, backward, optimizer), every GPU synchronised
-and all processes at a barrier at each epoch boundary. Not timed, reported apart: data load, compile warm-up, kNN
-checks, final evaluation. The reference's full evaluation table (linear readouts): tools/evaluate.py.
+Timed: the training epochs, all GPUs synchronised at each epoch boundary (TIMING_STATEMENT). Not timed, reported
+apart: data load, compile warm-up, kNN checks, final evaluation. The reference's full table: tools/evaluate.py.
 """
 
 import argparse
 import copy
 import dataclasses
-import datetime
 import hashlib
 import io
 import json
@@ -22,9 +19,7 @@ import math
 import os
 import pickle
 import platform
-import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,96 +35,79 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
+########################## Config ##########################
+ARCHS, TRISTATE = ("resnet18", "resnet34", "resnet50"), ("auto", "on", "off")
 
-#############################################
-#                  Config                   #
-#############################################
+def knob(default, lo=None, hi=None, choices=None):
+    """A field and its allowed values, bounds inclusive: a typo must not allocate terabytes or pass as inf or NaN."""
+    return dataclasses.field(default=default, metadata=dict(bounds=(lo, hi), choices=choices))
+
 @dataclass
 class Config:
     data_dir: str = ""  # folder holding cifar-10-batches-py/; "" = search ./data, then ../shared/data
     download: bool = True  # if no copy is found, try torchvision's download into ./data (offline: clear error)
-    train_subset: int = 0  # 0 = all 50,000 train images; n > 0 = the first n (CPU demos; never eligible)
-    crop_scale_min: float = 0.2  # per view, as the reference: RandomResizedCrop (area fraction), flip, ColorJitter
-    crop_scale_max: float = 1.0
-    crop_ratio_min: float = 3 / 4  # aspect ratio w/h, sampled log-uniformly as torchvision does
-    crop_ratio_max: float = 4 / 3
-    flip_p: float = 0.5
-    jitter_p: float = 0.8  # probability that ColorJitter is applied at all
-    brightness: float = 0.4  # factor ~ U[1-b, 1+b]
-    contrast: float = 0.4
-    saturation: float = 0.4
-    hue: float = 0.1  # shift ~ U[-h, h] of a full turn
-    grayscale_p: float = 0.1  # 0.1 in the bs512 recipe, 0.2 in the older bs1024 recipe
-    local_crops: int = 0  # extra small views per image (multi-crop); a 16 px view costs ~1/4 of a 32 px one
-    local_crop_size: int = 16  # pixels
-    local_crop_scale_min: float = 0.08  # solo-learn's CIFAR multi-crop range
-    local_crop_scale_max: float = 0.5
-    arch: str = "resnet18"  # resnet18 | resnet34 | resnet50, CIFAR stem (3x3 stride-1 conv1, no maxpool)
-    width: int = 64  # channels of the first stage; 64 = torchvision; smaller only for CPU runs
-    projector_hidden_dim: int = 1024
-    projector_out_dim: int = 128
-    temperature: float = 0.5
-    batch_size: int = 512  # images per step over all GPUs; each is seen in 2 (+ local_crops) views
-    epochs: int = 500  # length of the lr schedule = the most epochs a run may take
-    base_lr: float = 0.03  # lr = base_lr * batch_size / 256 (linear scaling, as the reference)
-    warmup_epochs: int = 0  # linear lr warm-up, per step, before the cosine (the reference has none)
-    momentum: float = 0.9
+    train_subset: int = knob(0, 0, 50000)  # 0 = all 50,000 train images; n = the first n (CPU demos; never eligible)
+    crop_scale_min: float = knob(0.2, 1e-6, 1)  # per view as the reference: RandomResizedCrop (area), flip, jitter
+    crop_scale_max: float = knob(1.0, 1e-6, 1)
+    crop_ratio_min: float = knob(3 / 4, 1e-3, 1e3)  # aspect ratio w/h, sampled log-uniformly as torchvision does
+    crop_ratio_max: float = knob(4 / 3, 1e-3, 1e3)
+    flip_p: float = knob(0.5, 0, 1)
+    jitter_p: float = knob(0.8, 0, 1)  # probability that ColorJitter is applied at all
+    brightness: float = knob(0.4, 0, 100)  # factor ~ U[1-b, 1+b]
+    contrast: float = knob(0.4, 0, 100)
+    saturation: float = knob(0.4, 0, 100)
+    hue: float = knob(0.1, 0, 0.5)  # shift ~ U[-h, h] of a full turn
+    grayscale_p: float = knob(0.1, 0, 1)  # 0.1 in the bs512 recipe, 0.2 in the older bs1024 recipe
+    arch: str = knob("resnet18", choices=ARCHS)  # CIFAR stem: 3x3 stride-1 conv1, no maxpool
+    width: int = knob(64, 1, 1024)  # channels of the first stage; 64 = torchvision; smaller only for CPU runs
+    projector_hidden_dim: int = knob(1024, 1, 65536)
+    projector_out_dim: int = knob(128, 1, 65536)
+    temperature: float = knob(0.5, 1e-4, 1e3)
+    batch_size: int = knob(512, 2, 1 << 20)  # images per step over all GPUs, each seen in two views
+    epochs: int = knob(500, 1, 100_000)  # length of the lr schedule = the most epochs a run may take
+    base_lr: float = knob(0.03, 1e-9, 1e3)  # lr = base_lr * batch_size / 256 (linear scaling, as the reference)
+    warmup_epochs: int = knob(0, 0, 99_999)  # linear lr warm-up, per step, before the cosine (the reference: none)
+    momentum: float = knob(0.9, 0, 0.999)
     nesterov: bool = False
-    weight_decay: float = 5e-4  # on every parameter, BN and biases included, as the reference
-    lr_schedule: str = "epoch"  # "epoch": cosine stepped once per epoch (the reference); "step": per step
+    weight_decay: float = knob(5e-4, 0, 1)  # on every parameter, BN and biases included, as the reference
+    lr_schedule: str = knob("epoch", choices=("epoch", "step"))  # cosine stepped per epoch (the reference) or step
     drop_last: bool = False  # the reference's DataLoader keeps the last partial batch
-    target_pct: float = 90.0  # stop at the first check (schedule fixed before the run) with kNN accuracy >= this
-    knn_k: int = 10
-    check_first_epoch: int = 10  # first check after this epoch (0 = also check before training)
-    check_every_epochs: int = 10  # then every this many epochs; the last epoch is always checked
-    device: str = "auto"  # auto | cuda | cpu
-    compile: str = "auto"  # auto | on | off: torch.compile the model (auto = on for CUDA)
-    bf16: str = "auto"  # auto | on | off: bf16 autocast in training (the loss is always fp32)
-    channels_last: str = "auto"  # auto | on | off (auto = on for CUDA)
+    target_pct: float = knob(90.0, 1e-9, 100)  # stop at the first check with kNN accuracy >= this
+    knn_k: int = knob(10, 1, 1000)
+    check_first_epoch: int = knob(10, 0, 100_000)  # first check after this epoch (0 = also before training); the
+    check_every_epochs: int = knob(10, 1, 100_000)  # schedule is fixed before the run, the last epoch always checked
+    device: str = knob("auto", choices=("auto", "cuda", "cpu"))
+    compile: str = knob("auto", choices=TRISTATE)  # torch.compile the model (auto = on for CUDA)
+    bf16: str = knob("auto", choices=TRISTATE)  # bf16 autocast in training (the loss is always fp32)
+    channels_last: str = knob("auto", choices=TRISTATE)  # model and views (auto = on for CUDA)
     sync_bn: bool = False  # several GPUs: BatchNorm statistics over the global batch (default: per GPU)
-    compile_warmup_steps: int = 3  # untimed steps per batch shape on random data, state restored after
-    eval_batch_size: int = 1024
-    seed: int = 0
+    compile_warmup_steps: int = knob(3, 0, 100)  # untimed steps per batch shape on random data, state restored after
+    eval_batch_size: int = knob(1024, 1, 1 << 20)
+    seed: int = knob(0, 0, 2**63 - 1)
     log_dir: str = "logs"
     save_checkpoint: str = ""  # path to save the final model for tools/evaluate.py ("" = don't)
 
 # What a no-GPU machine runs by default: a narrow ResNet18 on a training subset, sized for ~5 min on 2 cores.
 CPU_DEMO = dict(width=16, train_subset=5000, batch_size=256, epochs=12, check_first_epoch=0, check_every_epochs=12)
-RESNET_LAYOUT = {"resnet18": (BasicBlock, (2, 2, 2, 2)), "resnet34": (BasicBlock, (3, 4, 6, 3)),
-                 "resnet50": (Bottleneck, (3, 4, 6, 3))}
-ARCHS, TRISTATE = tuple(RESNET_LAYOUT), ("auto", "on", "off")
-CHOICES = dict(arch=ARCHS, lr_schedule=("epoch", "step"), device=("auto", "cuda", "cpu"), compile=TRISTATE,
-               bf16=TRISTATE, channels_last=TRISTATE)
-RANGES = dict(  # inclusive: a typo must not allocate terabytes, loop for centuries, or pass as inf or NaN
-    train_subset=(0, 50_000), local_crops=(0, 16), local_crop_size=(4, 64), width=(1, 1024),
-    projector_hidden_dim=(1, 65_536), projector_out_dim=(1, 65_536), batch_size=(2, 1 << 20), epochs=(1, 100_000),
-    warmup_epochs=(0, 99_999), knn_k=(1, 1000), check_first_epoch=(0, 100_000), check_every_epochs=(1, 100_000),
-    compile_warmup_steps=(0, 100), eval_batch_size=(1, 1 << 20), seed=(0, 2**63 - 1), crop_scale_min=(1e-6, 1),
-    crop_scale_max=(1e-6, 1), local_crop_scale_min=(1e-6, 1), local_crop_scale_max=(1e-6, 1),
-    crop_ratio_min=(1e-3, 1e3), crop_ratio_max=(1e-3, 1e3), flip_p=(0, 1), jitter_p=(0, 1), grayscale_p=(0, 1),
-    brightness=(0, 100), contrast=(0, 100), saturation=(0, 100), hue=(0, 0.5), temperature=(1e-4, 1e3),
-    base_lr=(1e-9, 1e3), momentum=(0, 0.999), weight_decay=(0, 1), target_pct=(1e-9, 100))
-ORDERED = (("crop_scale_min", "crop_scale_max"), ("local_crop_scale_min", "local_crop_scale_max"),
-           ("crop_ratio_min", "crop_ratio_max"))
 
 class HarnessError(Exception):  # bad input or a failed run: main() prints one line and exits non-zero
     pass
 
 def validate_config(cfg):
     for f in dataclasses.fields(cfg):  # config files are JSON: types are checked too
-        value, (lo, hi), choices = getattr(cfg, f.name), RANGES.get(f.name, (None, None)), CHOICES.get(f.name)
-        if not isinstance(value, (int, float) if f.type is float else f.type) or (
-                f.type is not bool and isinstance(value, bool)):
+        value, choices = getattr(cfg, f.name), f.metadata.get("choices")
+        lo, hi = f.metadata.get("bounds", (None, None))
+        if type(value) not in ((int, float) if f.type is float else (f.type,)):  # True is no int, 1 no bool
             raise HarnessError(f"bad config: {f.name}={value!r} should be of type {f.type.__name__}")
         if lo is not None and not lo <= value <= hi:
             raise HarnessError(f"bad config: {f.name}={value} must be in [{lo}, {hi}]")
         if choices and value not in choices:
             raise HarnessError(f"bad config: {f.name}={value!r}; choose one of {', '.join(choices)}")
-    for low, high in ORDERED + (("warmup_epochs", "epochs"),):
-        if getattr(cfg, low) > getattr(cfg, high) - (low == "warmup_epochs"):
-            raise HarnessError(f"bad config: need {low} {'<' if low[0] == 'w' else '<='} {high}")
+    if cfg.warmup_epochs >= cfg.epochs:
+        raise HarnessError(f"bad config: need warmup_epochs < epochs, not {cfg.warmup_epochs} and {cfg.epochs}")
 
 def is_check_epoch(cfg, epoch):  # the kNN check schedule, fixed by the config before the run (a rule, not a list)
     return epoch == cfg.epochs or (cfg.check_first_epoch <= epoch <= cfg.epochs
@@ -138,24 +116,22 @@ def is_check_epoch(cfg, epoch):  # the kNN check schedule, fixed by the config b
 def reached_target(cfg, knn_pct):  # the stop rule: the run ends at the first check that reaches the target
     return knn_pct is not None and knn_pct >= cfg.target_pct
 
-#############################################
-#                   Data                    #
-#############################################
-CIFAR_FOLDER = "cifar-10-batches-py"
-# md5 of the official files (cs.toronto.edu/~kriz/cifar.html, the same list torchvision checks).
+########################### Data ###########################
+CIFAR_FOLDER = "cifar-10-batches-py"  # then the md5s of the official files (cs.toronto.edu/~kriz/cifar.html)
 OFFICIAL_MD5 = {"data_batch_1": "c99cafc152244af753f735de768cd75f", "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
                 "data_batch_3": "54ebc095f3ab1f0389bbae665268c751", "data_batch_4": "634d18415352ddfa80567beed471001a",
                 "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb", "test_batch": "40351d587109b95175f43aff81a1287e"}
-DEFAULT_DATA_DIRS = tuple(os.path.join(os.path.dirname(os.path.abspath(__file__)), *p) for p in (["data"],
-                          ["..", "shared", "data"]))
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_DATA_DIRS = (os.path.join(HERE, "data"), os.path.join(HERE, "..", "shared", "data"))
 
 class _CifarUnpickler(pickle.Unpickler):
-    """Admits only numpy arrays, all a CIFAR batch needs: a crafted pickle cannot run code. numpy 2 writes numpy._core,
-    the official Python 2 files name numpy.core, protocol 5 uses _frombuffer."""
-    RECONSTRUCT, FROMBUFFER = np.ndarray.__reduce__(np.zeros(1))[0], np.zeros(1).__reduce_ex__(5)[0]  # numpy's own
-    ALLOWED = {("numpy._core.multiarray", "_reconstruct"): RECONSTRUCT, ("numpy.core.multiarray", "_reconstruct"):
-               RECONSTRUCT, ("numpy._core.numeric", "_frombuffer"): FROMBUFFER, ("numpy.core.numeric", "_frombuffer"):
-               FROMBUFFER, ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+    """Admits only numpy arrays, all a CIFAR batch needs: a crafted pickle cannot run code."""
+    # numpy's own functions, named numpy.core in the official files, numpy._core by numpy 2, _frombuffer at protocol 5
+    RECONSTRUCT, FROMBUFFER = np.ndarray.__reduce__(np.zeros(1))[0], np.zeros(1).__reduce_ex__(5)[0]
+    ALLOWED = {("numpy._core.multiarray", "_reconstruct"): RECONSTRUCT,
+               ("numpy.core.multiarray", "_reconstruct"): RECONSTRUCT,
+               ("numpy._core.numeric", "_frombuffer"): FROMBUFFER, ("numpy.core.numeric", "_frombuffer"): FROMBUFFER,
+               ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
 
     def find_class(self, module, name):
         if (module, name) not in self.ALLOWED:
@@ -193,7 +169,6 @@ def load_cifar10(data_dir, device, download=False):
     """CIFAR-10 as uint8 NCHW tensors on `device`, plus a report of where it came from and its md5 status."""
     if find_cifar(data_dir) is None and download:
         try:
-            import torchvision
             torchvision.datasets.CIFAR10(root=data_dir or DEFAULT_DATA_DIRS[0], download=True)
         except Exception as error:
             print(f"CIFAR-10 download failed: {type(error).__name__}: {error}", file=sys.stderr)
@@ -220,13 +195,11 @@ def load_cifar10(data_dir, device, download=False):
                   test_images=len(data["test_images"]))
     return dict({key: value.to(device) for key, value in data.items()}, report=report)
 
-#############################################
-#               Augmentation                #
-#############################################
-# Whole-batch, on the device, per-sample random parameters drawn from an explicit generator, so seeded runs see
-# identical batches. Float math in [0, 1] as torchvision's tensor transforms. No host sync: constants are Python
-# scalars or built on the device, never copied from the host, so a step's ~300 augmentation kernels queue behind the
-# previous backward instead of waiting for it (tools/gpu_check.py runs a step under set_sync_debug_mode("error")).
+####################### Augmentation #######################
+# Whole-batch on the device, per-sample parameters from an explicit generator (seeded runs see identical batches),
+# float math in [0, 1] as torchvision's tensor transforms (the cited reference rounds to uint8 between ops on PIL
+# images: baselines/README.md measures the difference). No host sync: constants are Python scalars or built on the
+# device, so a step's ~300 augmentation kernels queue behind the previous backward (tools/gpu_check.py checks it).
 
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
 
@@ -234,25 +207,21 @@ def grayscale(x):
     r, g, b = x.unbind(1)
     return (GRAY_WEIGHTS[0] * r + GRAY_WEIGHTS[1] * g + GRAY_WEIGHTS[2] * b).unsqueeze(1)
 
-def sample_crop_boxes(n, height, width, cfg, generator, device, attempts=10, scale=None):
-    """RandomResizedCrop.get_params for n images at once -> (top, left, h, w), each (n,): up to 10 tries of area ~
-    U(scale) and log-uniform aspect ratio, the first that fits, else a centre crop, as torchvision."""
-    scale_min, scale_max = scale or (cfg.crop_scale_min, cfg.crop_scale_max)
+def sample_crop_boxes(n, height, width, cfg, generator, device, attempts=10):
+    """torchvision's RandomResizedCrop.get_params for n images at once -> (top, left, h, w), each of shape (n,)."""
     u = torch.rand(4, n, attempts, generator=generator, device=device, dtype=torch.float64)
-    area = height * width * (scale_min + (scale_max - scale_min) * u[0])
+    area = height * width * (cfg.crop_scale_min + (cfg.crop_scale_max - cfg.crop_scale_min) * u[0])
     log_lo, log_hi = math.log(cfg.crop_ratio_min), math.log(cfg.crop_ratio_max)
     aspect = torch.exp(log_lo + (log_hi - log_lo) * u[1])
     w, h = torch.round(torch.sqrt(area * aspect)), torch.round(torch.sqrt(area / aspect))
-    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-    first = fits.to(torch.int8).argmax(1, keepdim=True)  # argmax returns the first True
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)  # of 10 tries, the first that fits (argmax: first True)
+    first = fits.to(torch.int8).argmax(1, keepdim=True)
     h, w = h.gather(1, first).squeeze(1), w.gather(1, first).squeeze(1)
     top = torch.floor(u[2, :, 0] * (height - h + 1)).clamp(max=height - h)  # randint(0, H - h + 1)
     left = torch.floor(u[3, :, 0] * (width - w + 1)).clamp(max=width - w)
-    fallback_h, fallback_w = height, width  # the centre crop, its ratio clamped into [ratio_min, ratio_max]
-    if width / height < cfg.crop_ratio_min:
-        fallback_h = round(width / cfg.crop_ratio_min)
-    elif width / height > cfg.crop_ratio_max:
-        fallback_w = round(height * cfg.crop_ratio_max)
+    # else the centre crop, its aspect ratio clamped into [ratio_min, ratio_max]
+    fallback_h = round(width / cfg.crop_ratio_min) if width / height < cfg.crop_ratio_min else height
+    fallback_w = round(height * cfg.crop_ratio_max) if width / height > cfg.crop_ratio_max else width
     fallback = ((height - fallback_h) // 2, (width - fallback_w) // 2, fallback_h, fallback_w)
     return tuple(torch.where(fits.any(1), value, float(fallback[i])) for i, value in enumerate((top, left, h, w)))
 
@@ -275,13 +244,12 @@ def adjust_hue(x, shift):
     value, minc = x.max(1)[0], x.min(1)[0]
     delta, same = value - minc, value == minc
     safe_delta = torch.where(same, torch.ones_like(delta), delta)
-    saturation = delta / torch.where(same, torch.ones_like(value), value)
     rc, gc, bc = (value - r) / safe_delta, (value - g) / safe_delta, (value - b) / safe_delta
     hue = torch.where(value == r, bc - gc, torch.where(value == g, 2.0 + rc - bc, 4.0 + gc - rc))
     hue6 = torch.remainder(torch.where(same, 0.0, torch.fmod(hue / 6.0 + 1.0, 1.0)) + shift[:, None, None], 1.0) * 6
     # torchvision's six-sector table as one formula (within 1e-6 of it, no 6 x 3 x H x W table to gather from):
-    # channel = v - v s clamp(min(k, 4 - k), 0, 1) with k = (n + 6 h) mod 6, n = 5, 3, 1 for R, G, B
-    return torch.stack([value - value * saturation * torch.minimum(k, 4.0 - k).clamp(0.0, 1.0)
+    # channel = v - v s clamp(min(k, 4 - k), 0, 1) with v s = delta, k = (n + 6 h) mod 6, n = 5, 3, 1 for R, G, B
+    return torch.stack([value - delta * torch.minimum(k, 4.0 - k).clamp(0.0, 1.0)
                         for k in (torch.remainder(hue6 + n, 6.0) for n in (5.0, 3.0, 1.0))], 1)
 
 def blend(x, other, factor):  # torchvision's _blend for floats, factor (n,)
@@ -308,12 +276,12 @@ def color_jitter(x, order, factors):
         x = blend_step(x, op, factors)
     return x
 
-def augment(images_uint8, cfg, generator=None, size=32, scale=None):
-    """One SimCLR view of each image: uint8 NCHW -> float NCHW in [0, 1], size x size, crop area ~ U(scale)."""
+def augment(images_uint8, cfg, generator=None, size=32):
+    """One SimCLR view of each image: uint8 NCHW -> float NCHW in [0, 1], size x size."""
     n, device = images_uint8.shape[0], images_uint8.device
     rand = lambda *shape: torch.rand(*shape, generator=generator, device=device)  # noqa: E731
     x = images_uint8.float().div_(255)
-    x = resized_crop(x, *sample_crop_boxes(n, x.shape[2], x.shape[3], cfg, generator, device, scale=scale), size)
+    x = resized_crop(x, *sample_crop_boxes(n, x.shape[2], x.shape[3], cfg, generator, device), size)
     x = torch.where((rand(n) < cfg.flip_p).view(-1, 1, 1, 1), x.flip(3), x)
     jitter, u = rand(n) < cfg.jitter_p, rand(n, 4)
     # torchvision's factor ranges, U[max(0, 1-s), 1+s] and U[-hue, hue]; an image not jittered gets the identity
@@ -323,11 +291,12 @@ def augment(images_uint8, cfg, generator=None, size=32, scale=None):
     x = color_jitter(x, rand(n, 4).argsort(dim=1), factors)  # argsort of uniforms: a random order per image
     return torch.where((rand(n) < cfg.grayscale_p).view(-1, 1, 1, 1), grayscale(x).expand_as(x), x)
 
-#############################################
-#                   Model                   #
-#############################################
+########################## Model ###########################
 # torchvision's ResNet blocks with a width knob: at width 64 parameter names, shapes and initialisation are
 # torchvision's resnet18/34/50 (tests load its state_dict and compare outputs), with the reference's CIFAR stem.
+
+RESNET_LAYOUT = {"resnet18": (BasicBlock, (2, 2, 2, 2)), "resnet34": (BasicBlock, (3, 4, 6, 3)),
+                 "resnet50": (Bottleneck, (3, 4, 6, 3))}
 
 class CifarResNet(nn.Module):
     """Backbone: features before the (absent) fc layer: 8 * width dimensions (32 * width for resnet50)."""
@@ -347,12 +316,9 @@ class CifarResNet(nn.Module):
             stages.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.out_dim = in_channels
-        for m in self.modules():  # torchvision's initialisation
+        for m in self.modules():  # torchvision's initialisation (BatchNorm's own default is its ones and zeros)
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
         self.conv1.reset_parameters()  # the reference swaps in a fresh conv1 after init: PyTorch's default init
 
     def forward(self, x):
@@ -364,6 +330,8 @@ class SimCLRModel(nn.Module):
     its own (BatchNorm statistics per view, as the reference's two passes) -> projections, view v of image i: v*n+i."""
     def __init__(self, arch="resnet18", width=64, projector_hidden_dim=1024, projector_out_dim=128):
         super().__init__()
+        if arch not in ARCHS:
+            raise HarnessError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
         self.backbone = CifarResNet(arch, width)
         self.projector = nn.Sequential(nn.Linear(self.backbone.out_dim, projector_hidden_dim), nn.ReLU(),
                                        nn.Linear(projector_hidden_dim, projector_out_dim))
@@ -371,34 +339,25 @@ class SimCLRModel(nn.Module):
     def forward(self, views):
         return torch.cat([self.projector(self.backbone(view)) for view in views])
 
-def make_model(arch="resnet18", width=64, projector_hidden_dim=1024, projector_out_dim=128):
-    if arch not in ARCHS:
-        raise HarnessError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
-    return SimCLRModel(arch, width, projector_hidden_dim, projector_out_dim)
+make_model = SimCLRModel
 
-#############################################
-#                   Loss                    #
-#############################################
-def info_nce(z, temperature=0.5, n_views=2):
-    """InfoNCE over the cosine matrix of all views (view-major, n_views * N x d), diagonal masked; every other view of
-    an image is a positive; mean over all (anchor, positive) pairs. With 2 views: exactly the reference's loss."""
+########################### Loss ###########################
+def info_nce(z, temperature=0.5):
+    """SimCLR's loss as the reference computes it: z holds both views stacked (2N x d); cosine similarities over the
+    2N x 2N matrix, diagonal masked, the other view of each image is the positive; mean over all 2N rows."""
     z = F.normalize(z.float(), dim=1)
     logits = (z @ z.T / temperature).fill_diagonal_(float("-inf"))
-    rows, n = torch.arange(len(z), device=z.device), len(z) // n_views
-    return sum(F.cross_entropy(logits, (rows + shift * n) % len(z)) for shift in range(1, n_views)) / (n_views - 1)
+    return F.cross_entropy(logits, (torch.arange(len(z), device=z.device) + len(z) // 2) % len(z))
 
-def gather_views(z, n_views):
-    """All processes' projections, view-major over the global batch, with gradient: every process computes the one-GPU
-    loss of the global batch; all_gather's backward sums their gradients and DDP averages them: exactly its gradient."""
+def gather_views(z):
+    """Both views of every process's images, view-major over the global batch, with gradient: every process computes
+    the one-GPU loss of the global batch; all_gather's backward sums their gradients, DDP averages: exactly its own."""
     if not dist.is_initialized():
         return z
-    from torch.distributed.nn.functional import all_gather  # deprecated in torch 2.14, whose successor 2.11 lacks
-    warnings.filterwarnings("ignore", "torch.distributed.nn.functional.all_gather is deprecated")
-    return torch.cat([part.view(n_views, -1, z.shape[1]) for part in all_gather(z)], dim=1).flatten(0, 1)
+    from torch.distributed.nn.functional import all_gather
+    return torch.cat([part.view(2, -1, z.shape[1]) for part in all_gather(z)], dim=1).flatten(0, 1)
 
-#############################################
-#                Evaluation                 #
-#############################################
+######################## Evaluation ########################
 @torch.no_grad()
 def extract_features(backbone, images_uint8, batch_size=1024):
     """Backbone features of unaugmented images, in eval mode and fp32 as the reference evaluates."""
@@ -416,8 +375,7 @@ def knn_predict(train_feats, train_labels, test_feats, k=10, num_classes=10, blo
     predictions = []
     for start in range(0, len(test_feats), block_size):
         sims = F.normalize(test_feats[start:start + block_size], dim=1) @ train_unit.T
-        neighbours = sims.topk(k, dim=1).indices
-        votes = F.one_hot(train_labels[neighbours], num_classes).sum(1)
+        votes = F.one_hot(train_labels[sims.topk(k, dim=1).indices], num_classes).sum(1)
         predictions.append(votes.argmax(1))  # argmax returns the first maximum: the lowest class wins a tie
     return torch.cat(predictions)
 
@@ -436,9 +394,7 @@ def knn_check(model, data, cfg):
         dist.broadcast(accuracy, src=0)
     return accuracy.item(), features
 
-#############################################
-#             Training & timer              #
-#############################################
+##################### Training & timer #####################
 def synchronize(device):
     """Wait for this GPU and, with several processes, for all of them: epochs are timed between barriers."""
     if device.type == "cuda":
@@ -473,7 +429,7 @@ def epoch_batches(cfg, n_train, world_size):  # -> the global batch sizes of one
 class Trainer:
     """Model, optimizer, compiled step; train_epoch is the timed work. A process trains its share of a global batch."""
     def __init__(self, cfg, device, n_train):
-        self.cfg, self.device, self.n_views = cfg, device, 2 + cfg.local_crops
+        self.cfg, self.device = cfg, device
         self.rank, self.world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         self.compiled, self.bf16, channels_last = speed_features(cfg, device)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -484,7 +440,7 @@ class Trainer:
         if self.world_size > 1:
             network = nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
-        # dynamic=False: the last partial batch gets its own static graph (warmed up too), not a slower dynamic one
+        # dynamic=False: the last partial batch gets a static graph of its own (warmed up too), not a slower dynamic one
         self.forward = torch.compile(network, dynamic=False) if self.compiled else network
         self.peak_lr = cfg.base_lr * cfg.batch_size / 256
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=self.peak_lr, momentum=cfg.momentum,
@@ -492,19 +448,15 @@ class Trainer:
                                          **({"fused": True} if device.type == "cuda" else {}))
         self.batch_sizes = epoch_batches(cfg, n_train, self.world_size)
 
-    def views(self, images_uint8, generator):
-        """A step's views: two full-size ones, then all local crops as one batch (they share BatchNorm statistics)."""
-        cfg, views = self.cfg, [augment(images_uint8, self.cfg, generator) for _ in range(2)]
-        if cfg.local_crops:
-            views.append(augment(images_uint8.repeat(cfg.local_crops, 1, 1, 1), cfg, generator, cfg.local_crop_size,
-                                 (cfg.local_crop_scale_min, cfg.local_crop_scale_max)))
-        return [view.contiguous(memory_format=self.memory_format) for view in views]
+    def views(self, images_uint8, generator):  # -> the two views of a step, in the configured memory format
+        return [augment(images_uint8, self.cfg, generator).contiguous(memory_format=self.memory_format)
+                for _ in range(2)]
 
     def update(self, views):
         """One optimizer step on this process's views -> the loss of the global batch, on the device."""
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             z = self.forward(views)
-        loss = info_nce(gather_views(z, self.n_views), self.cfg.temperature, self.n_views)
+        loss = info_nce(gather_views(z), self.cfg.temperature)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -514,8 +466,7 @@ class Trainer:
         return self.update(self.views(images_uint8, generator))
 
     def warm_up(self):
-        """Compile and autotune on random images for each batch shape of the run, then restore model and optimizer
-        exactly: warm-up trains nothing. A CPU run without compile has nothing to warm up."""
+        """Compile and autotune each batch shape on random images, then restore model and optimizer: trains nothing."""
         if self.cfg.compile_warmup_steps == 0 or (self.device.type == "cpu" and not self.compiled):
             return
         states = copy.deepcopy((self.model.state_dict(), self.optimizer.state_dict()))
@@ -532,23 +483,18 @@ class Trainer:
     def train_epoch(self, epoch, train_images, order_generator, augment_generator):
         """One pass in a fresh order, the same on every process -> (mean loss on the device: no host sync, first lr)."""
         order = torch.randperm(len(train_images), generator=order_generator, device=self.device)
-        loss_sum, start, lrs = torch.zeros((), device=self.device), 0, []
-        for i, batch in enumerate(self.batch_sizes):
+        loss_sum, lrs = torch.zeros((), device=self.device), []
+        for i, batch in enumerate(order[:sum(self.batch_sizes)].split(self.batch_sizes)):  # drop_last drops the tail
             lrs.append(learning_rate(self.cfg, self.peak_lr, epoch, i, len(self.batch_sizes)))
             for group in self.optimizer.param_groups:
                 group["lr"] = lrs[-1]
-            shard = order[start:start + batch].tensor_split(self.world_size)[self.rank]
-            loss_sum += self.step(train_images[shard], augment_generator)
-            start += batch
+            loss_sum += self.step(train_images[batch.tensor_split(self.world_size)[self.rank]], augment_generator)
         return loss_sum / len(self.batch_sizes), lrs[0]
 
-#############################################
-#                  Logging                  #
-#############################################
-TIMING_STATEMENT = dict(timed="training epochs: per-epoch shuffle, GPU augmentation, forward, loss, backward, optimizer"
-                        " step; every GPU synchronised and all processes at a barrier at the start and end of an epoch",
-                        not_timed="data load and checksums, compile warm-up (state restored afterwards), kNN checks, "
-                        "final evaluation, logging")
+######################### Logging ##########################
+TIMING_STATEMENT = dict(timed="training epochs: shuffle, GPU augmentation, forward, loss, backward, optimizer step; "
+                        "every GPU synchronised and all processes at a barrier at the start and end of each epoch",
+                        not_timed="data load, compile warm-up (state restored), kNN checks, final evaluation, logging")
 TABLE_HEADER = f"{'epoch':>6} {'loss':>8} {'lr':>8} {'epoch_s':>10} {'timed_s':>10} {'knn_pct':>8}"
 
 def is_main_process():
@@ -559,7 +505,6 @@ def say(*args):  # rank 0 prints: a run has one transcript however many processe
         print(*args, flush=True)
 
 def environment_report(device):
-    import torchvision
     world_size = dist.get_world_size() if dist.is_initialized() else 1
     gpu_names = [torch.cuda.get_device_name(device) if device.type == "cuda" else None] * world_size
     if world_size > 1:
@@ -570,11 +515,10 @@ def environment_report(device):
         smi = None
     return dict(python=platform.python_version(), torch=torch.__version__, torchvision=torchvision.__version__,
                 cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version() if device.type == "cuda" else None,
-                driver=(re.findall(r"Driver Version: *([\w.]+)", smi or "") or [None])[0], device=device.type,
-                gpu_name=gpu_names[0], gpu_names=gpu_names, gpu_count=torch.cuda.device_count(),
-                world_size=world_size, cpu=platform.processor() or platform.machine(),
-                cpu_threads=torch.get_num_threads(), hostname=socket.gethostname(), platform=platform.platform(),
-                nvidia_smi=smi)
+                driver=((smi or "").partition("Driver Version:")[2].split() or [None])[0], device=device.type,
+                gpu_name=gpu_names[0], gpu_names=gpu_names, gpu_count=torch.cuda.device_count(), world_size=world_size,
+                cpu=platform.processor() or platform.machine(), cpu_threads=torch.get_num_threads(),
+                hostname=platform.node(), platform=platform.platform(), nvidia_smi=smi)
 
 def ineligibility(cfg, device, data_report):
     return [reason for reason, broken in (
@@ -595,8 +539,9 @@ def write_atomic(path, write):
         os.unlink(tmp)
         raise
 
-def check_writable(folder, what):
-    """Fail before the data load and warm-up, not after an hour of training, if results could not be written."""
+def check_writable(folder, what, file=""):  # -> a HarnessError now if a result could not be written there later
+    if os.path.isdir(file):
+        raise HarnessError(f"save_checkpoint {file!r} is a folder; give a file path")
     try:
         os.makedirs(folder, exist_ok=True)
         os.close(os.open(probe := os.path.join(folder, f".write_test_{uuid.uuid4().hex}"), os.O_CREAT | os.O_EXCL))
@@ -620,9 +565,8 @@ def format_row(row):
             f"{row['timed_seconds']:10.2f} {cell(row['knn_pct'], '8.2f')}")
 
 class RunLog:
-    """The run's JSON log, rewritten by rank 0 after every epoch; a failure is logged with its traceback. A failing rank
-    posts its reason in torchrun's store; a watcher thread on each other rank logs it and ends that process within a
-    second, which may be blocked in a collective that would otherwise wait for NCCL's timeout."""
+    """The run's JSON log, rewritten by rank 0 after every epoch. A failing rank posts its reason in torchrun's store; a
+    thread on every other rank logs it and ends its process, which may hang in a collective until NCCL's timeout."""
     FAILURE_KEY = "airbench_ssl_failure"
 
     def __init__(self, log, path, wall_start):
@@ -650,10 +594,7 @@ class RunLog:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)  # torchrun's stop must not cut the logging short
         message = "interrupted (Ctrl-C or SIGTERM)" if interrupted else (
             str(error).strip().splitlines() or [type(error).__name__])[0][:500]
-        posted = None  # another rank failed first (our error is then its echo, a closed connection): its reason wins
-        if self.store is not None and self.store.check([self.FAILURE_KEY]):
-            posted = self.store.get(self.FAILURE_KEY).decode()
-        if posted:
+        if posted := self.posted_failure():  # another rank failed first, and our error is its echo: its reason wins
             message, interrupted = posted, False
         elif self.store is not None and not interrupted:
             self.store.set(self.FAILURE_KEY, f"rank {dist.get_rank()}: {message}")
@@ -664,10 +605,14 @@ class RunLog:
         where = f"the log keeps all finished so far: {self.path}" if self.path else f"rank {dist.get_rank()}"
         return HarnessError(f"{message}{' (after training)' if after_training else ''}; {where}")
 
+    def posted_failure(self):
+        has = self.store is not None and self.store.check([self.FAILURE_KEY])
+        return self.store.get(self.FAILURE_KEY).decode() if has else None
+
     def watch_other_ranks(self):
         while not self.failed:
             try:
-                reason = self.store.get(self.FAILURE_KEY).decode() if self.store.check([self.FAILURE_KEY]) else None
+                reason = self.posted_failure()
             except Exception:  # the store has gone: the run is over
                 return
             if reason and not self.failed:
@@ -676,16 +621,13 @@ class RunLog:
                 os._exit(1)
             time.sleep(0.5)
 
-#############################################
-#                   Main                    #
-#############################################
+########################### Main ###########################
 def parse_bool(text):
     if text.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
         raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
     return text.lower() in ("1", "true", "yes", "on")
 
 class OneLineErrorParser(argparse.ArgumentParser):
-
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
@@ -703,8 +645,6 @@ def build_parser():
 def read_config_file(path):
     """-> the field overrides in a JSON config file, "_" notes dropped."""
     try:
-        if os.path.getsize(path) > 1 << 20:
-            raise HarnessError(f"config file {path} is over 1 MiB: not a config file")
         with open(path, encoding="utf-8") as f:
             overrides = json.load(f)
     except (OSError, ValueError, RecursionError) as error:  # ValueError: bad JSON or UTF-8, a 5,000-digit number
@@ -735,8 +675,10 @@ def init_distributed(cfg):
         raise HarnessError("sync_bn needs CUDA GPUs: PyTorch's SyncBatchNorm does not run on CPUs")
     if device.type == "cuda":
         torch.cuda.set_device(device := torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))))
+    # all_gather with gradient is deprecated in torch 2.14, and its successor does not exist in 2.11
+    warnings.filterwarnings("ignore", "torch.distributed.nn.functional.all_gather is deprecated")
     try:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=30))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     except (ValueError, RuntimeError) as error:
         raise HarnessError(f"cannot join the torchrun process group: {str(error).splitlines()[0]}") from None
     return device
@@ -745,19 +687,15 @@ def train_run(cfg, argv, sources):
     wall_start, device = time.perf_counter(), init_distributed(cfg)
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     if device.type == "cpu":
-        say("No CUDA GPU in use: running on the CPU. Times are not race times, and this run is not eligible for the "
-            "leaderboard." + (" Preset cpu_demo: a narrow ResNet18 on a training subset, ~5 min on 2 cores."
-                              if sources["preset"] == "cpu_demo" else ""))
+        say("No CUDA GPU: running on the CPU (not race times, not eligible)" + ", preset cpu_demo: a narrow ResNet18"
+            " on a training subset, ~5 min on 2 cores" * (sources["preset"] == "cpu_demo"))
     if rank == 0:  # before the data load and warm-up, not after an hour of training
         check_writable(cfg.log_dir, "log_dir")
-        if cfg.save_checkpoint and os.path.isdir(cfg.save_checkpoint):
-            raise HarnessError(f"save_checkpoint {cfg.save_checkpoint!r} is a folder; give a file path")
         if cfg.save_checkpoint:
-            check_writable(os.path.dirname(cfg.save_checkpoint) or ".", "the folder of save_checkpoint")
+            check_writable(os.path.dirname(cfg.save_checkpoint) or ".", "save_checkpoint's folder", cfg.save_checkpoint)
     torch.manual_seed(cfg.seed)
-    order_generator = torch.Generator(device).manual_seed(cfg.seed)  # the same order on every process
-    augment_generator = torch.Generator(device).manual_seed(  # and its own augmentations on each
-        int(np.random.SeedSequence([cfg.seed, rank]).generate_state(1, np.uint64)[0] >> 1))
+    order_gen = torch.Generator(device).manual_seed(cfg.seed)  # the same order on every process
+    augment_gen = torch.Generator(device).manual_seed(hash((cfg.seed, rank)) % 2**63)  # its own augmentations
     torch.backends.cudnn.benchmark, start = device.type == "cuda", time.perf_counter()
     data = load_cifar10(cfg.data_dir, device, cfg.download)
     for key in ("train_images", "train_labels") if cfg.train_subset else ():
@@ -765,8 +703,7 @@ def train_run(cfg, argv, sources):
     data["report"]["trained_on_images"] = len(data["train_images"])
     epoch_batches(cfg, len(data["train_images"]), world_size)  # a batch size that cannot work: refused before the log
     untimed = dict(data_load=time.perf_counter() - start, warmup=0.0, knn_checks=0.0, final_eval=0.0)
-    with open(os.path.abspath(__file__), encoding="utf-8") as f:  # __file__, not argv[0]: tools import us
-        source = f.read()
+    source = open(os.path.abspath(__file__), encoding="utf-8").read()  # __file__, not argv[0]: tools import us
     reasons, environment, path = (ineligibility(cfg, device, data["report"]), environment_report(device),
                                   reserve_log_path(cfg) if rank == 0 else None)
     run = RunLog(dict(
@@ -778,13 +715,12 @@ def train_run(cfg, argv, sources):
         environment=environment, data=data["report"], eligible=not reasons, ineligible_reasons=reasons,
         timing=TIMING_STATEMENT, epochs=[], untimed_seconds=untimed, result=dict(target_pct=cfg.target_pct),
         final_eval=None), path, wall_start)
-    rows, status, timed_seconds = run.log["epochs"], "max_epochs", 0.0
+    rows, status, timed_seconds, trained = run.log["epochs"], "max_epochs", 0.0, False
     try:
         run.save("running")
+        report = data["report"]
         say(f"config: {json.dumps(run.log['config'])}\ndevice: {world_size} x {environment['gpu_name'] or 'CPU'}, "
-            f"torch {environment['torch']}; data: {data['report']['data_dir']} (official: {data['report']['official']})"
-            f"; kNN k={cfg.knn_k} after epoch {cfg.check_first_epoch}, every {cfg.check_every_epochs} and the last "
-            f"({cfg.epochs}); target {cfg.target_pct}%; log: {path}")
+            f"torch {environment['torch']}; data {report['data_dir']} (official: {report['official']}); log: {path}")
         trainer, start = Trainer(cfg, device, len(data["train_images"])), time.perf_counter()
         trainer.warm_up()
         untimed["warmup"] = time.perf_counter() - start
@@ -795,16 +731,14 @@ def train_run(cfg, argv, sources):
             if epoch > 0:
                 synchronize(device)
                 start = time.perf_counter()
-                loss, row["lr"] = trainer.train_epoch(epoch - 1, data["train_images"], order_generator,
-                                                      augment_generator)
+                loss, row["lr"] = trainer.train_epoch(epoch - 1, data["train_images"], order_gen, augment_gen)
                 synchronize(device)
                 row["epoch_seconds"] = time.perf_counter() - start
                 timed_seconds += row["epoch_seconds"]
                 row.update(loss=loss.item(), timed_seconds=timed_seconds)
                 if not math.isfinite(row["loss"]):
                     rows.append(dict(row, loss=None))  # a finished epoch; NaN is not a JSON number
-                    raise HarnessError(f"loss became {row['loss']} in epoch {epoch}; lower the learning rate or check "
-                                       "the data")
+                    raise HarnessError(f"loss became {row['loss']} in epoch {epoch}; lower the learning rate")
             if is_check_epoch(cfg, epoch):
                 start = time.perf_counter()
                 row["knn_pct"], features = knn_check(trainer.model, data, cfg)
@@ -820,9 +754,7 @@ def train_run(cfg, argv, sources):
                    "timed seconds" if status == "reached_target" else
                    f"did not reach {cfg.target_pct}% within {cfg.epochs} epochs")
         run.save(status, message)
-    except (KeyboardInterrupt, Exception) as error:  # OOM, compile errors, NaN, Ctrl-C: logged, then one line
-        raise run.fail(error) from None
-    try:
+        trained = True
         if rank == 0:  # the run always ends on a check, so `features` are the final model's
             start = time.perf_counter()
             run.log["final_eval"] = {f"knn{k}_pct": knn_accuracy(features[0], data["train_labels"], features[1],
@@ -830,22 +762,21 @@ def train_run(cfg, argv, sources):
             untimed["final_eval"] = time.perf_counter() - start
             if cfg.save_checkpoint:  # weights and config, for tools/evaluate.py
                 state = {k: v.detach().cpu().contiguous() for k, v in trainer.model.state_dict().items()}
-                write_atomic(cfg.save_checkpoint, lambda f: torch.save(dict(
-                    format="airbench-ssl-checkpoint/1", config=dataclasses.asdict(cfg), run_id=run.log["run_id"],
-                    state_dict=state), f))
+                write_atomic(cfg.save_checkpoint, lambda f: torch.save(dict(format="airbench-ssl-checkpoint/1", config=
+                             dataclasses.asdict(cfg), run_id=run.log["run_id"], state_dict=state), f))
             run.save(status, message)
-    except (KeyboardInterrupt, Exception) as error:
-        raise run.fail(error, after_training=True) from None
+    except (KeyboardInterrupt, Exception) as error:  # OOM, compile errors, NaN, Ctrl-C: logged, then one line
+        raise run.fail(error, after_training=trained) from None
     first = next(r for r in rows if r["knn_pct"] is not None)
     say(f"CPU DEMO DONE: kNN k={cfg.knn_k} on the full test set went from {first['knn_pct']:.2f}% (epoch "
-        f"{first['epoch']}) to {row['knn_pct']:.2f}% (epoch {epoch}), training on {len(data['train_images'])} images. "
-        "On a CUDA GPU the same command trains the reference recipe (ResNet18, batch 512, up to 500 epochs) until kNN "
-        "k=10 reaches 90.0% and times it." if sources["preset"] == "cpu_demo" and device.type == "cpu" else
+        f"{first['epoch']}) to {row['knn_pct']:.2f}% (epoch {epoch}). On a CUDA GPU the same command trains the "
+        "reference recipe (ResNet18, batch 512, up to 500 epochs) until kNN k=10 reaches 90.0%, and times it."
+        if sources["preset"] == "cpu_demo" and device.type == "cpu" else
         f"TARGET {'REACHED' if status == 'reached_target' else 'NOT REACHED'}: {message}")
     final = run.log["final_eval"] or dict(knn5_pct=math.nan, knn10_pct=math.nan)  # rank 0 evaluates
-    verdict = "eligible" if not reasons else "NOT eligible: " + "; ".join(reasons)
     say(f"final kNN k=5 {final['knn5_pct']:.2f}%, k=10 {final['knn10_pct']:.2f}%; timed {timed_seconds:.2f} s; "
-        f"untimed: {', '.join(f'{k} {v:.1f} s' for k, v in untimed.items())}; {verdict}; log: {path}")
+        f"untimed: {', '.join(f'{k} {v:.1f} s' for k, v in untimed.items())}; "
+        f"{'NOT eligible: ' + '; '.join(reasons) if reasons else 'eligible'}; log: {path}")
     return run.log
 
 def main(argv=None):
@@ -864,9 +795,6 @@ def main(argv=None):
         dist.destroy_process_group()
     return 0
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt  # a `timeout` or a job scheduler's SIGTERM is logged like Ctrl-C: status "interrupted"
-
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a `timeout` or scheduler's SIGTERM is logged as Ctrl-C
     sys.exit(main())

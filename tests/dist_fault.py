@@ -28,7 +28,7 @@ def train_epoch(self, epoch, *args):
 
 if __name__ == "__main__":
     ab.Trainer.train_epoch = train_epoch
-    signal.signal(signal.SIGTERM, ab._interrupt)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # as the harness does when run as a script
     code = ab.main()
     if os.environ.get("DIST_FAULT_PROMPT_EXIT") == "1":
         sys.stdout.flush()

@@ -22,5 +22,5 @@ def knn_check(model, data, cfg):
 
 if __name__ == "__main__":
     ab.knn_check = knn_check
-    signal.signal(signal.SIGTERM, ab._interrupt)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # as the harness does when run as a script
     sys.exit(ab.main())

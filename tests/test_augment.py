@@ -3,8 +3,7 @@
 Deterministic parts (crop + resize, each colour op, grayscale) are compared value by value with
 torchvision.transforms.functional on float tensors (the reference applies its transforms after ToTensor). Random
 parts are compared in distribution with torchvision's own samplers over a few thousand draws; every generator is
-seeded, so the p-value thresholds can never flake. Last, the Trainer's views: two full-size ones plus the local
-crops (multi-crop) at their own size and scale, in the configured memory format.
+seeded, so the p-value thresholds can never flake. Last, the Trainer's two views, in the configured memory format.
 """
 
 import dataclasses
@@ -167,19 +166,6 @@ def test_crop_boxes_match_torchvision_in_distribution(scale, ratio):
     other = torchvision_boxes(n, ((scale[0] + scale[1]) / 2, scale[1]), ratio, seed=3)
     assert scipy.stats.ks_2samp(box_statistics(ours)["area fraction"],
                                 box_statistics(other)["area fraction"]).pvalue < 1e-6
-
-
-def test_scale_argument_overrides_the_config_for_local_crops():
-    # local crops: the config's crop_scale_* (the recipe's 0.2..1) must give way to the scale argument
-    n, scale, ratio = 4000, (0.08, 0.5), (RECIPE.crop_ratio_min, RECIPE.crop_ratio_max)
-    boxes = ab.sample_crop_boxes(n, 32, 32, RECIPE, generator(6), torch.device("cpu"), scale=scale)
-    ours = np.stack([b.numpy() for b in boxes], axis=1)
-    theirs, full_scale = torchvision_boxes(n, scale, ratio, seed=7), torchvision_boxes(n, (0.2, 1.0), ratio, seed=8)
-    for name, values in box_statistics(ours).items():
-        p = scipy.stats.ks_2samp(values, box_statistics(theirs)[name]).pvalue
-        assert p > P_MIN, f"{name}: ours vs torchvision KS p = {p:.2g}"
-    assert scipy.stats.ks_2samp(box_statistics(ours)["area fraction"],
-                                box_statistics(full_scale)["area fraction"]).pvalue < 1e-6
 
 
 @pytest.mark.parametrize("ratio, expected", [((2.0, 3.0), (8, 0, 16, 32)),  # image too tall for the range
@@ -347,7 +333,7 @@ def test_output_is_plain_nchw_contiguous_whatever_the_input_layout():
             assert not out.is_contiguous(memory_format=torch.channels_last)
 
 
-# --------------------------------------------------------------------------- the Trainer's views (multi-crop)
+# --------------------------------------------------------------------------- the Trainer's views
 
 
 def tiny_trainer(**fields):
@@ -356,58 +342,8 @@ def tiny_trainer(**fields):
     return ab.Trainer(cfg, torch.device("cpu"), cfg.batch_size)
 
 
-def spy_on_crop_boxes(monkeypatch):
-    """Record (n, scale, boxes) of every sample_crop_boxes call made through augment."""
-    calls, original = [], ab.sample_crop_boxes
-
-    def spy(n, height, width, cfg, generator, device, attempts=10, scale=None):
-        boxes = original(n, height, width, cfg, generator, device, attempts, scale)
-        calls.append((n, scale, np.stack([b.numpy() for b in boxes], axis=1)))
-        return boxes
-
-    monkeypatch.setattr(ab, "sample_crop_boxes", spy)
-    return calls
-
-
-def test_local_crops_follow_the_configured_size_and_scale(monkeypatch):
-    n, local_crops, scale = 1000, 3, (0.1, 0.4)
-    trainer = tiny_trainer(local_crops=local_crops, local_crop_size=12, local_crop_scale_min=scale[0],
-                           local_crop_scale_max=scale[1])
-    calls = spy_on_crop_boxes(monkeypatch)
-    images = torch.randint(0, 256, (n, 3, 32, 32), generator=generator(40), dtype=torch.uint8)
-    views = trainer.views(images, generator(41))
-    assert [tuple(v.shape) for v in views] == [(n, 3, 32, 32), (n, 3, 32, 32), (local_crops * n, 3, 12, 12)]
-    assert all(v.dtype == torch.float32 and 0 <= v.min() and v.max() <= 1 for v in views)
-    assert [(count, crop_scale) for count, crop_scale, _ in calls] == [(n, None), (n, None), (local_crops * n, scale)]
-    ratio = (RECIPE.crop_ratio_min, RECIPE.crop_ratio_max)
-    local, full = box_statistics(calls[2][2]), box_statistics(calls[0][2])
-    theirs = box_statistics(torchvision_boxes(local_crops * n, scale, ratio, seed=42))
-    for name, values in local.items():
-        p = scipy.stats.ks_2samp(values, theirs[name]).pvalue
-        assert p > P_MIN, f"local crops, {name}: ours vs torchvision KS p = {p:.2g}"
-    full_theirs = box_statistics(torchvision_boxes(n, (RECIPE.crop_scale_min, RECIPE.crop_scale_max), ratio, seed=43))
-    assert scipy.stats.ks_2samp(full["area fraction"], full_theirs["area fraction"]).pvalue > P_MIN
-    assert scipy.stats.ks_2samp(local["area fraction"], full["area fraction"]).pvalue < 1e-6
-
-
-def test_local_crops_are_stacked_crop_major():
-    # crop c of image i at row c * n + i, as the loss's view-major layout needs; with every random part off a
-    # local crop is the whole image resized, so each row shows which image it came from
-    fixed = {f.name: getattr(IDENTITY, f.name) for f in dataclasses.fields(ab.Config) if f.name.startswith(
-        ("crop_", "flip", "jitter", "grayscale"))}
-    trainer = tiny_trainer(**fixed | dict(local_crops=2, local_crop_size=16, local_crop_scale_min=1.0,
-                                          local_crop_scale_max=1.0))
-    images = torch.randint(0, 256, (5, 3, 32, 32), generator=generator(44), dtype=torch.uint8)
-    first, second, local = trainer.views(images, generator(45))
-    assert torch.equal(first, images.float() / 255) and torch.equal(second, images.float() / 255)
-    whole = torch.zeros(5, dtype=torch.float64)
-    resized = ab.resized_crop(images.float() / 255, whole, whole, whole + 32, whole + 32, 16)
-    assert torch.equal(local, torch.cat([resized, resized]))
-
-
-def test_no_local_crops_means_exactly_two_views():
-    trainer = tiny_trainer(local_crops=0)
-    assert trainer.n_views == 2
+def test_a_step_has_exactly_two_independent_views():
+    trainer = tiny_trainer()
     images = torch.randint(0, 256, (6, 3, 32, 32), generator=generator(46), dtype=torch.uint8)
     views = trainer.views(images, generator(47))
     assert len(views) == 2 and all(v.shape == (6, 3, 32, 32) for v in views)
@@ -416,8 +352,8 @@ def test_no_local_crops_means_exactly_two_views():
 
 def test_views_come_in_the_configured_memory_format():
     images = torch.randint(0, 256, (6, 3, 32, 32), generator=generator(48), dtype=torch.uint8)
-    plain = tiny_trainer(local_crops=1).views(images, generator(49))
-    trainer = tiny_trainer(local_crops=1, channels_last="on")
+    plain = tiny_trainer().views(images, generator(49))
+    trainer = tiny_trainer(channels_last="on")
     assert trainer.memory_format == torch.channels_last
     views = trainer.views(images, generator(49))
     for view, reference in zip(views, plain):

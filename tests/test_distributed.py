@@ -107,24 +107,24 @@ def error_lines(text):
 
 # --------------------------------------------------------------------------- inputs and their references
 
-GATHER_CASES = [dict(n_views=2, n=6, temperature=0.5), dict(n_views=3, n=4, temperature=0.2)]
+GATHER_CASES = [dict(n=6, temperature=0.5), dict(n=4, temperature=0.2)]
 BATCH, SEED = 8, 3
 TINY = dict(width=8, projector_hidden_dim=32, projector_out_dim=16, batch_size=BATCH, base_lr=2.0, momentum=0.9,
             weight_decay=5e-4, device="cpu", compile="off", bf16="off", channels_last="off", seed=SEED)
-TRAINER_CASES = [dict(local_crops=0), dict(local_crops=2, local_crop_size=16)]
+TRAINER_CASES = [dict(), dict(temperature=0.2)]
 SPLIT_CASES = [(dict(batch_size=7), 14, "[7]"), (dict(batch_size=8), 20, None),
                (dict(batch_size=8), 21, "[5, 8]"), (dict(batch_size=8, drop_last=True), 21, None)]
 
 
-def shard(x, n_views, rank, world=WORLD):
-    """Rank `rank`'s rows of a view-major batch: its slice of the images, in every view, still view-major."""
-    per_view = x.view(n_views, len(x) // n_views, *x.shape[1:])
+def shard(x, rank, world=WORLD):
+    """Rank `rank`'s rows of a two-view, view-major batch: its slice of the images, in both views, still view-major."""
+    per_view = x.view(2, len(x) // 2, *x.shape[1:])
     n = per_view.shape[1] // world
     return per_view[:, rank * n:(rank + 1) * n].reshape(-1, *x.shape[1:])
 
 
 def global_z(case):
-    return torch.randn(case["n_views"] * case["n"], 5, generator=torch.Generator().manual_seed(case["n"])) * 2
+    return torch.randn(2 * case["n"], 5, generator=torch.Generator().manual_seed(case["n"])) * 2
 
 
 def trainer_config(case):
@@ -132,17 +132,13 @@ def trainer_config(case):
 
 
 def global_views(cfg):
-    g = torch.Generator().manual_seed(cfg.local_crops)
-    views = [torch.rand(BATCH, 3, 32, 32, generator=g) for _ in range(2)]
-    if cfg.local_crops:  # crop c of image i at row c * BATCH + i, as Trainer.views makes them
-        views.append(torch.rand(cfg.local_crops * BATCH, 3, cfg.local_crop_size, cfg.local_crop_size, generator=g))
-    return views
+    g = torch.Generator().manual_seed(SEED)
+    return [torch.rand(BATCH, 3, 32, 32, generator=g) for _ in range(2)]
 
 
 def rank_views(cfg, rank):
-    """What rank `rank` makes from its half of the images: both views of them and all their local crops."""
-    views = global_views(cfg)
-    return [shard(view, len(view) // BATCH, rank) for view in views]
+    """What rank `rank` makes from its half of the images: both views of them."""
+    return [view[rank * BATCH // WORLD:(rank + 1) * BATCH // WORLD] for view in global_views(cfg)]
 
 
 @pytest.fixture(scope="module")
@@ -151,8 +147,8 @@ def cpu_job(tmp_path_factory):
     folder = str(tmp_path_factory.mktemp("dist"))
     inputs = dict(
         device="cpu",
-        gather=[dict(n_views=c["n_views"], temperature=c["temperature"],
-                     local=[shard(global_z(c), c["n_views"], r) for r in range(WORLD)]) for c in GATHER_CASES],
+        gather=[dict(temperature=c["temperature"], local=[shard(global_z(c), r) for r in range(WORLD)])
+                for c in GATHER_CASES],
         trainer=[dict(config=dataclasses.asdict(trainer_config(c)), n_train=BATCH,
                       views=[rank_views(trainer_config(c), r) for r in range(WORLD)]) for c in TRAINER_CASES],
         split=[dict(config=dataclasses.asdict(ab.Config(**TINY | fields)), n_train=n) for fields, n, _ in SPLIT_CASES])
@@ -165,19 +161,13 @@ def one_step_reference(cfg, initial, per_shard_batchnorm=True, device="cpu"):
     model = ab.make_model(cfg.arch, cfg.width, cfg.projector_hidden_dim, cfg.projector_out_dim).to(device)
     model.load_state_dict(initial)
     views = [view.to(device) for view in global_views(cfg)]
-    n_views = 2 + cfg.local_crops
     head = lambda x: model.projector(model.backbone(x))  # noqa: E731
     if per_shard_batchnorm:
-        blocks = [torch.cat([head(view[r * BATCH // WORLD:(r + 1) * BATCH // WORLD]) for r in range(WORLD)])
-                  for view in views[:2]]
-        if cfg.local_crops:  # each rank's local crops are one batch; put its rows back in global view-major order
-            per_rank = [head(rank_views(cfg, r)[2].to(device)).view(cfg.local_crops, BATCH // WORLD, -1)
-                        for r in range(WORLD)]
-            blocks.append(torch.cat(per_rank, dim=1).flatten(0, 1))
-        z = torch.cat(blocks)
+        z = torch.cat([torch.cat([head(view[r * BATCH // WORLD:(r + 1) * BATCH // WORLD]) for r in range(WORLD)])
+                       for view in views])
     else:
         z = torch.cat([head(view) for view in views])
-    loss = ab.info_nce(z, cfg.temperature, n_views)
+    loss = ab.info_nce(z, cfg.temperature)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.base_lr * cfg.batch_size / 256, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
     optimizer.zero_grad()
@@ -199,7 +189,7 @@ def test_gathered_projections_are_the_global_batch_view_major(cpu_job, index):
 @pytest.mark.parametrize("index", range(len(GATHER_CASES)))
 def test_loss_over_ranks_is_the_single_process_loss_of_the_global_batch(cpu_job, index):
     case = GATHER_CASES[index]
-    expected = ab.info_nce(global_z(case), case["temperature"], case["n_views"])
+    expected = ab.info_nce(global_z(case), case["temperature"])
     for rank in range(WORLD):
         torch.testing.assert_close(cpu_job[rank]["gather"][index]["loss"], expected, rtol=1e-6, atol=0)
 
@@ -211,11 +201,11 @@ def test_each_rank_gets_world_size_times_its_rows_of_the_global_gradient(cpu_job
     # ranks divides it out again (the one-step tests below check that end to end).
     case = GATHER_CASES[index]
     z = global_z(case).requires_grad_()
-    ab.info_nce(z, case["temperature"], case["n_views"]).backward()
+    ab.info_nce(z, case["temperature"]).backward()
     assert z.grad.abs().max() > 1e-3
     for rank in range(WORLD):
         torch.testing.assert_close(cpu_job[rank]["gather"][index]["grad"],
-                                   WORLD * shard(z.grad, case["n_views"], rank), rtol=1e-5, atol=1e-7)
+                                   WORLD * shard(z.grad, rank), rtol=1e-5, atol=1e-7)
 
 
 # --------------------------------------------------------------------------- one Trainer step on 2 processes
@@ -252,12 +242,10 @@ def test_batches_that_do_not_split_over_the_ranks_are_refused(cpu_job, index):
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="SyncBatchNorm needs 2 CUDA GPUs")
-@pytest.mark.parametrize("local_crops", [0, 2])
-def test_sync_bn_step_on_two_gpus_is_one_full_batch_step(tmp_path, monkeypatch, local_crops):
+def test_sync_bn_step_on_two_gpus_is_one_full_batch_step(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # compared at fp32 precision
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    cfg = dataclasses.replace(trainer_config(dict(local_crops=local_crops, local_crop_size=16)), device="cuda",
-                              sync_bn=True)
+    cfg = dataclasses.replace(trainer_config({}), device="cuda", sync_bn=True)
     inputs = dict(device="cuda", trainer=[dict(config=dataclasses.asdict(cfg), n_train=BATCH,
                                                views=[rank_views(cfg, r) for r in range(WORLD)])])
     ranks = [out["trainer"][0] for out in run_workers(str(tmp_path), inputs)]
@@ -336,23 +324,21 @@ def test_torchrun_failing_rank_ends_every_process_and_logs_its_reason(fake_cifar
         assert len(lines) == 1 and lines[0].startswith("airbench_ssl: error:") and "boom" in lines[0], (rank, err)
 
 
-def test_torchrun_batch_that_does_not_split_is_one_error_line(fake_cifar_root, tmp_path):
+def refused_torchrun(tmp_path, root, *flags):
+    """A tiny torchrun run expected to be refused -> each rank's error lines; no log may have been written."""
     log_dir = str(tmp_path / "logs")
-    run = torchrun(tmp_path, os.path.join(ROOT, "airbench_ssl.py"), *RUN, "--data-dir", fake_cifar_root,
-                   "--log-dir", log_dir, "--batch-size", "41", "--epochs", "1")
-    assert run.returncode != 0
-    for rank, err in enumerate(run.rank_stderr):
-        lines = error_lines(err)
-        assert len(lines) == 1 and lines[0].startswith("airbench_ssl: error:"), (rank, err)
-        assert "do not split over 2 processes" in lines[0] and "[36, 41]" in lines[0], (rank, err)
+    run = torchrun(tmp_path, os.path.join(ROOT, "airbench_ssl.py"), *RUN, "--data-dir", root, "--log-dir", log_dir,
+                   "--epochs", "1", *flags)
+    assert run.returncode != 0 and read_logs(log_dir) == []  # refused before the run's log was created
+    return [error_lines(err) for err in run.rank_stderr]
+
+
+def test_torchrun_batch_that_does_not_split_is_one_error_line(fake_cifar_root, tmp_path):
+    for lines in refused_torchrun(tmp_path, fake_cifar_root, "--batch-size", "41"):
+        assert len(lines) == 1 and lines[0].startswith("airbench_ssl: error:"), lines
+        assert "do not split over 2 processes" in lines[0] and "[36, 41]" in lines[0], lines
 
 
 def test_torchrun_sync_bn_on_cpu_is_one_error_line(fake_cifar_root, tmp_path):
-    log_dir = str(tmp_path / "logs")
-    run = torchrun(tmp_path, os.path.join(ROOT, "airbench_ssl.py"), *RUN, "--data-dir", fake_cifar_root,
-                   "--log-dir", log_dir, "--sync-bn", "true", "--epochs", "1")
-    assert run.returncode != 0
-    for rank, err in enumerate(run.rank_stderr):
-        assert error_lines(err) == ["airbench_ssl: error: sync_bn needs CUDA GPUs: PyTorch's SyncBatchNorm does not "
-                                    "run on CPUs"], (rank, err)
-    assert read_logs(log_dir) == []  # refused before any run began
+    for lines in refused_torchrun(tmp_path, fake_cifar_root, "--sync-bn", "true"):
+        assert lines == ["airbench_ssl: error: sync_bn needs CUDA GPUs: PyTorch's SyncBatchNorm does not run on CPUs"]

@@ -372,9 +372,9 @@ def test_warm_up_is_skipped_on_cpu_without_compile():
 
 @pytest.mark.parametrize("channels_last", ["on", "off"])
 def test_views_follow_the_configured_memory_format(channels_last):
-    cfg, trainer = tiny_trainer(channels_last=channels_last, local_crops=2, local_crop_size=16)
+    cfg, trainer = tiny_trainer(channels_last=channels_last)
     views = trainer.views(numbered_images(4), torch.Generator().manual_seed(0))
-    assert [tuple(v.shape) for v in views] == [(4, 3, 32, 32), (4, 3, 32, 32), (8, 3, 16, 16)]
+    assert [tuple(v.shape) for v in views] == [(4, 3, 32, 32), (4, 3, 32, 32)]
     for view in views:
         if channels_last == "on":
             assert view.is_contiguous(memory_format=torch.channels_last) and not view.is_contiguous()
@@ -425,7 +425,7 @@ PLANTED_SYNCS = {  # name: (a change to the step's loss, how the checker must ca
 
 @pytest.mark.parametrize("planted", [None, *PLANTED_SYNCS])
 def test_a_training_step_has_no_host_sync(planted, monkeypatch):
-    cfg, trainer = tiny_trainer(local_crops=1)
+    cfg, trainer = tiny_trainer()
     if planted:  # the checker must catch a sync planted in the step's loss
         real_loss, (plant, error, match) = ab.info_nce, PLANTED_SYNCS[planted]
         monkeypatch.setattr(ab, "info_nce", lambda *a, **k: plant(real_loss(*a, **k)))

@@ -234,7 +234,7 @@ def time_augmentation(cfg: ab.Config, device: torch.device, images: torch.Tensor
     views(batch, generator)
     seconds = timed(lambda: views(batch, generator), device)
     step_seconds = default["result"]["step_ms"] / 1000 if default else None
-    return dict(views_ms=1000 * seconds, n_views=2 + cfg.local_crops, batch_size=cfg.batch_size,
+    return dict(views_ms=1000 * seconds, n_views=2, batch_size=cfg.batch_size,
                 fraction_of_step=seconds / step_seconds if step_seconds else None)
 
 

@@ -706,14 +706,14 @@ def _flag_value(text: str, like: Any) -> Any:
         if text.lower() not in BOOL_WORDS:
             raise ValueError(text)
         return BOOL_WORDS[text.lower()]
-    if len(text) > 40:
+    if isinstance(like, str):
+        return text
+    if len(text) > 40:  # a number: int() of thousands of digits is slow, and no field takes such a value
         raise ValueError(text)
     if isinstance(like, int):
         return int(text)  # as argparse's type=int; the comparison below bounds it
     if isinstance(like, float):
         return float(text)
-    if isinstance(like, str):
-        return text
     raise ValueError(text)
 
 

@@ -11,8 +11,7 @@ Conventions, stated once for every caller:
   t statistic infinite or undefined. We then decide from the means alone rather than fail: a p-value of 0.0 when
   the means say the claim holds, 1.0 when they say it does not. The docstrings give the exact rule.
 
-The t distribution comes from scipy.stats. scipy is not listed in requirements.txt, but scikit-learn (which is)
-depends on it, so it is always importable where the project is installed.
+The t distribution comes from scipy.stats.
 """
 
 import math

@@ -1,0 +1,59 @@
+"""The recipe lab: the CPU proxy's configs and the candidate fast recipe stay runnable by the harness of today."""
+
+import glob
+import json
+import os
+
+import pytest
+from conftest import ROOT
+
+import airbench_ssl as ab
+
+PROXY = sorted(glob.glob(os.path.join(ROOT, "bench", "proxy", "*.json")))
+REMOVED = {"local_crops_4x16.json"}  # levers deleted after their measurement (bench/NOTES.md)
+LIVE = [p for p in PROXY if os.path.basename(p) not in REMOVED]
+CANDIDATE = os.path.join(ROOT, "bench", "candidate_fast.json")
+
+
+def resolve(path, *flags):
+    return ab.config_from_args(ab.build_parser().parse_args(["--config", path, *flags]), cuda_available=True)
+
+
+@pytest.mark.parametrize("path", LIVE, ids=os.path.basename)
+def test_proxy_arms_are_the_protocol_plus_one_lever(path):
+    cfg, sources = resolve(path)
+    reference, _ = resolve(os.path.join(ROOT, "bench", "proxy", "reference.json"))
+    # the protocol: width-8 ResNet18, 10,000 images, batch 256, one check at the end of an equal-compute budget
+    assert (cfg.width, cfg.train_subset, cfg.batch_size, cfg.device, cfg.compile) == (8, 10_000, 256, "cpu", "off")
+    assert cfg.check_first_epoch == cfg.epochs == 10 and cfg.target_pct == 100.0
+    assert json.load(open(path))["_description"] and sources["config_file"] == path
+    changed = {k for k, v in vars(cfg).items() if getattr(reference, k) != v}
+    assert changed <= {"temperature", "base_lr", "warmup_epochs"}  # the levers that share the reference's budget
+
+
+def test_removed_levers_are_refused_with_their_field_named():
+    for name in REMOVED:
+        with pytest.raises(ab.HarnessError, match="unknown fields .*local_crops"):
+            resolve(os.path.join(ROOT, "bench", "proxy", name))
+
+
+def test_candidate_recipe_is_the_reference_race_with_the_proxys_winners():
+    cfg, _ = resolve(CANDIDATE)
+    notes = json.load(open(CANDIDATE))
+    assert "UNMEASURED ON A GPU" in notes["_description"] and "--config bench/candidate_fast.json" in notes["_command"]
+    assert (cfg.temperature, cfg.base_lr) == (0.2, 0.06) and 0 < cfg.warmup_epochs < cfg.epochs < ab.Config().epochs
+    # the race itself is untouched: full data, the target, kNN k=10, the reference's model and augmentation
+    race = ("train_subset", "target_pct", "knn_k", "arch", "width", "batch_size", "crop_scale_min", "grayscale_p")
+    assert all(getattr(cfg, name) == getattr(ab.Config(), name) for name in race)
+
+
+def test_proxy_protocol_runs_end_to_end_at_tiny_size(fake_cifar_root, tmp_path, one_compute_thread):
+    log_dir = tmp_path / "logs"
+    code = ab.main(["--config", os.path.join(ROOT, "bench", "proxy", "temperature_0.2.json"), "--data-dir",
+                    fake_cifar_root, "--download", "false", "--log-dir", str(log_dir), "--train-subset", "40",
+                    "--batch-size", "20", "--epochs", "2", "--check-first-epoch", "2", "--check-every-epochs", "2",
+                    "--projector-hidden-dim", "32"])
+    (log,) = [json.load(open(p)) for p in log_dir.glob("*.json")]
+    assert code == 0 and log["config"]["temperature"] == 0.2 and log["data"]["trained_on_images"] == 40
+    assert [r["epoch"] for r in log["epochs"] if r["knn_pct"] is not None] == [2]  # one check, at the budget's end
+    assert log["result"]["status"] == "max_epochs" and 0 <= log["result"]["knn_at_stop_pct"] <= 100
