@@ -590,7 +590,7 @@ class RunLog:
     def fail(self, error, after_training=False):
         """Log a failure -> the one-line HarnessError to raise. After training, the training result stands."""
         self.failed, interrupted = True, isinstance(error, KeyboardInterrupt)
-        if threading.current_thread() is threading.main_thread():
+        if self.store is not None and threading.current_thread() is threading.main_thread():  # a torchrun worker:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)  # torchrun's stop must not cut the logging short
         message = "interrupted (Ctrl-C or SIGTERM)" if interrupted else (
             str(error).strip().splitlines() or [type(error).__name__])[0][:500]

@@ -548,6 +548,8 @@ def test_nan_loss_fails_loudly_and_keeps_the_log(official_fake_root, tmp_path, m
     result = logs[0]["result"]
     assert result["status"] == "failed" and "loss became nan" in result["message"]
     assert [r["epoch"] for r in logs[0]["epochs"]] == [1] and result["epochs_run"] == 1
+    # a single-process failure leaves the caller's SIGTERM handling alone (children inherit an ignored SIGTERM)
+    assert signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN
 
 
 def test_interrupted_run_keeps_only_finished_epochs(official_fake_root, tmp_path, monkeypatch, capsys):
