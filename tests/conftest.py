@@ -59,6 +59,30 @@ def fake_cifar_root(tmp_path_factory):
     return str(root)
 
 
+def write_easy_cifar(root, per_batch=40, n_test=60):
+    """Ten classes of nearly solid, well-separated colours, in the official layout: kNN tells them apart after the
+    first epoch of training, so a test can assert a known high accuracy."""
+    rng = np.random.default_rng(0)
+    colours = np.array([[230, 25, 25], [25, 230, 25], [25, 25, 230], [230, 230, 25], [230, 25, 230],
+                        [25, 230, 230], [240, 240, 240], [15, 15, 15], [128, 128, 128], [200, 120, 40]])
+    folder = os.path.join(root, "cifar-10-batches-py")
+    os.makedirs(folder)
+    for name in CIFAR_FILES:
+        labels = np.arange(n_test if name == "test_batch" else per_batch) % 10
+        pixels = colours[labels][:, :, None, None] + rng.integers(-8, 9, size=(len(labels), 3, 32, 32))
+        with open(os.path.join(folder, name), "wb") as f:
+            pickle.dump({"labels": labels.tolist(), "data": np.clip(pixels, 0, 255).astype(np.uint8).reshape(
+                len(labels), 3072)}, f, protocol=4)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def easy_cifar_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("easy_cifar")
+    write_easy_cifar(str(root))
+    return str(root)
+
+
 @pytest.fixture
 def real_cifar_root():
     root = os.environ.get("AIRBENCH_SSL_DATA", "")

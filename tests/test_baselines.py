@@ -199,14 +199,14 @@ def test_reference_trains_a_few_steps_on_cpu(fake_cifar_root, workers):
 
 
 @pytest.mark.parametrize("variant", [ref.DEFAULT_VARIANT, OLD])
-def test_reference_script_end_to_end_on_cpu(fake_cifar_root, capsys, variant):
-    args = ref.build_parser().parse_args(["--device", "cpu", "--width", "8", "--data-dir", fake_cifar_root,
+def test_reference_script_end_to_end_on_cpu(easy_cifar_root, capsys, variant):
+    args = ref.build_parser().parse_args(["--device", "cpu", "--width", "8", "--data-dir", easy_cifar_root,
                                           "--batch-size", "32", "--epochs", "2", "--workers", "0",
                                           "--train-subset", "80", "--variant", variant])
     result = ref.run(args)
     assert result["steps"] == 2 * 3  # the last partial batch is kept, as the reference
     assert len(result["epoch_losses"]) == 2 and all(math.isfinite(x) for x in result["epoch_losses"])
-    assert 0 <= result["knn5_pct"] <= 100 and 0 <= result["knn10_pct"] <= 100
+    assert result["knn5_pct"] >= 90 and result["knn10_pct"] >= 90  # ten solid colours: a working kNN separates them
     out = capsys.readouterr().out
     assert "epoch 1: loss" in out and "kNN (cosine) k=5" in out
     assert f"({variant}, commits {ref.VARIANTS[variant].commits})" in out

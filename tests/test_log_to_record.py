@@ -9,12 +9,10 @@ seconds and result. The log must pass, and fail after any single cross-checked f
 import copy
 import json
 import os
-import pickle
 import subprocess
 import sys
 
 import leaderboard as lb
-import numpy as np
 import pytest
 from conftest import ROOT
 
@@ -30,30 +28,13 @@ SMI = """+----------------------------------------------------------------------
 """
 
 
-def write_easy_cifar(root, per_batch=40, n_test=60):
-    """Ten classes of nearly solid, well-separated colours: kNN tells them apart after the first epoch."""
-    rng = np.random.default_rng(0)
-    colours = np.array([[230, 25, 25], [25, 230, 25], [25, 25, 230], [230, 230, 25], [230, 25, 230],
-                        [25, 230, 230], [240, 240, 240], [15, 15, 15], [128, 128, 128], [200, 120, 40]])
-    folder = os.path.join(root, ab.CIFAR_FOLDER)
-    os.makedirs(folder)
-    for name in ab.OFFICIAL_MD5:
-        labels = np.arange(n_test if name == "test_batch" else per_batch) % 10
-        pixels = colours[labels][:, :, None, None] + rng.integers(-8, 9, size=(len(labels), 3, 32, 32))
-        with open(os.path.join(folder, name), "wb") as f:
-            pickle.dump({"labels": labels.tolist(), "data": np.clip(pixels, 0, 255).astype(np.uint8).reshape(
-                len(labels), 3072)}, f, protocol=4)
-
-
 @pytest.fixture(scope="module")
-def harness_log(tmp_path_factory):
+def harness_log(easy_cifar_root, tmp_path_factory):
     """A real run, as a user starts it, that reaches the target: -> (the log with the CPU-only overrides, its path)."""
-    root = tmp_path_factory.mktemp("easy_cifar")
-    write_easy_cifar(str(root))
-    log_dir = root / "logs"
+    root, log_dir = easy_cifar_root, tmp_path_factory.mktemp("logs")
     argv = ["--preset", "recipe", "--width", "8", "--batch-size", "40", "--projector-hidden-dim", "64", "--epochs",
             "3", "--check-first-epoch", "1", "--check-every-epochs", "1", "--seed", "0", "--download", "false",
-            "--data-dir", str(root), "--log-dir", str(log_dir)]
+            "--data-dir", root, "--log-dir", str(log_dir)]
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "airbench_ssl.py"), *argv], capture_output=True,
                           text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr
