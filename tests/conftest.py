@@ -33,13 +33,23 @@ def synthetic_images(n, seed):
     return images.reshape(n, 3072), labels.tolist()
 
 
-def write_fake_cifar(root, per_batch=40, n_test=60, seed=0, protocol=4):
-    """Write cifar-10-batches-py/ under root in the official layout; returns the folder."""
+def easy_images(n, seed):
+    """n images of ten classes of nearly solid, well-separated colours: kNN tells them apart after the first epoch of
+    training, so a test can assert a known high accuracy. Labels cycle 0..9."""
+    labels = np.arange(n) % 10
+    colours = np.array([[230, 25, 25], [25, 230, 25], [25, 25, 230], [230, 230, 25], [230, 25, 230],
+                        [25, 230, 230], [240, 240, 240], [15, 15, 15], [128, 128, 128], [200, 120, 40]])
+    pixels = colours[labels][:, :, None, None] + np.random.default_rng(seed).integers(-8, 9, size=(n, 3, 32, 32))
+    return np.clip(pixels, 0, 255).astype(np.uint8).reshape(n, 3072), labels.tolist()
+
+
+def write_fake_cifar(root, per_batch=40, n_test=60, seed=0, protocol=4, images=synthetic_images):
+    """Write cifar-10-batches-py/ under root in the official layout, pixels from images(n, seed); returns the folder."""
     folder = os.path.join(root, "cifar-10-batches-py")
     os.makedirs(folder, exist_ok=True)
     for index, name in enumerate(CIFAR_FILES):
         n = n_test if name == "test_batch" else per_batch
-        data, labels = synthetic_images(n, seed + index)
+        data, labels = images(n, seed + index)
         batch = {"batch_label": f"synthetic {name}", "labels": labels, "data": data,
                  "filenames": [f"img_{i}.png" for i in range(n)]}
         with open(os.path.join(folder, name), "wb") as f:
@@ -59,27 +69,11 @@ def fake_cifar_root(tmp_path_factory):
     return str(root)
 
 
-def write_easy_cifar(root, per_batch=40, n_test=60):
-    """Ten classes of nearly solid, well-separated colours, in the official layout: kNN tells them apart after the
-    first epoch of training, so a test can assert a known high accuracy."""
-    rng = np.random.default_rng(0)
-    colours = np.array([[230, 25, 25], [25, 230, 25], [25, 25, 230], [230, 230, 25], [230, 25, 230],
-                        [25, 230, 230], [240, 240, 240], [15, 15, 15], [128, 128, 128], [200, 120, 40]])
-    folder = os.path.join(root, "cifar-10-batches-py")
-    os.makedirs(folder)
-    for name in CIFAR_FILES:
-        labels = np.arange(n_test if name == "test_batch" else per_batch) % 10
-        pixels = colours[labels][:, :, None, None] + rng.integers(-8, 9, size=(len(labels), 3, 32, 32))
-        with open(os.path.join(folder, name), "wb") as f:
-            pickle.dump({"labels": labels.tolist(), "data": np.clip(pixels, 0, 255).astype(np.uint8).reshape(
-                len(labels), 3072)}, f, protocol=4)
-    return folder
-
-
 @pytest.fixture(scope="session")
 def easy_cifar_root(tmp_path_factory):
+    """A synthetic dataset that a working kNN classifies almost perfectly: 200 train, 60 test images."""
     root = tmp_path_factory.mktemp("easy_cifar")
-    write_easy_cifar(str(root))
+    write_fake_cifar(str(root), images=easy_images)
     return str(root)
 
 

@@ -287,13 +287,6 @@ def reserve_eval_log(log_dir: str, run_id: str) -> str:
 #############################################
 #                   Main                    #
 #############################################
-class OneLineParser(argparse.ArgumentParser):
-    """Usage errors as one line (argparse prints the whole usage first)."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def bounded(kind: type, low: float, high: float, open_low: bool = False) -> Callable[[str], float]:
     """argparse type: a finite number of `kind` in [low, high] ((low, high] with open_low); a typo like 1e9 epochs
     or an lr of nan is refused before any data is loaded."""
@@ -319,8 +312,8 @@ def eval_names(text: str) -> list[str]:
     return [name for name in EVALS if name in names]
 
 
-def build_parser() -> OneLineParser:
-    parser = OneLineParser(prog="evaluate.py", description=__doc__.split("\n\n")[0],
+def build_parser() -> ab.OneLineErrorParser:
+    parser = ab.OneLineErrorParser(prog="evaluate.py", description=__doc__.split("\n\n")[0],
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("checkpoint", help="a file written by airbench_ssl.py --save-checkpoint")
     parser.add_argument("--data-dir", default="", help="folder holding cifar-10-batches-py/ (\"\": the harness's "

@@ -34,7 +34,6 @@ decoding what it wrote before it reports success.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
@@ -479,13 +478,8 @@ def _write_synced(path: Path, data: bytes) -> None:
 ########################################
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = _OneLineParser(prog="pack_cifar", description=__doc__.split("\n\n")[0])
+    parser = ab.OneLineErrorParser(prog="pack_cifar", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("pack", help="compress SRC_DIR's cifar-10-batches-py into parts + manifest.json in OUT_DIR")
     p.add_argument("src", type=Path, metavar="SRC_DIR", help="cifar-10-batches-py or its parent")
