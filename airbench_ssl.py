@@ -20,6 +20,7 @@ import os
 import pickle
 import platform
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -66,6 +67,9 @@ class Config:
     projector_hidden_dim: int = knob(1024, 1, 65536)
     projector_out_dim: int = knob(128, 1, 65536)
     temperature: float = knob(0.5, 1e-4, 1e3)
+    n_views: int = knob(2, 2, 16)  # views per image; more than 2: every other view of the image is a positive
+    low_res_px: int = knob(32, 8, 32)  # progressive resolution: views of low_res_px for the first low_res_epochs
+    low_res_epochs: int = knob(0, 0, 99_999)  # epochs, then 32 px (each size its own compiled shape, warmed up)
     batch_size: int = knob(512, 2, 1 << 20)  # images per step over all GPUs, each seen in two views
     epochs: int = knob(500, 1, 100_000)  # length of the lr schedule = the most epochs a run may take
     base_lr: float = knob(0.03, 1e-9, 1e3)  # lr = base_lr * batch_size / 256 (linear scaling, as the reference)
@@ -88,7 +92,9 @@ class Config:
     eval_batch_size: int = knob(1024, 1, 1 << 20)
     seed: int = knob(0, 0, 2**63 - 1)
     log_dir: str = "logs"
-    save_checkpoint: str = ""  # path to save the final model for tools/evaluate.py ("" = don't)
+    save_model: str = knob("weights", choices=("weights", "export", "false"))  # the trained backbone beside the log,
+    # what tools/leaderboard.py verify recomputes the accuracy from: its weights, or for a changed architecture its
+    # torch.export program; false: none (such a run can never become a record)
 
 # What a no-GPU machine runs by default: a narrow ResNet18 on a training subset, sized for ~5 min on 2 cores.
 CPU_DEMO = dict(width=16, train_subset=5000, batch_size=256, epochs=12, check_first_epoch=0, check_every_epochs=12)
@@ -207,14 +213,14 @@ def grayscale(x):
     r, g, b = x.unbind(1)
     return (GRAY_WEIGHTS[0] * r + GRAY_WEIGHTS[1] * g + GRAY_WEIGHTS[2] * b).unsqueeze(1)
 
-def sample_crop_boxes(n, height, width, cfg, generator, device, attempts=10):
-    """torchvision's RandomResizedCrop.get_params for n images at once -> (top, left, h, w), each of shape (n,)."""
-    u = torch.rand(4, n, attempts, generator=generator, device=device, dtype=torch.float64)
+def crop_boxes(u, height, width, cfg, attempts=10):
+    """torchvision's RandomResizedCrop.get_params for n images at once, from uniforms u (4, n, attempts) ->
+    (top, left, h, w), each of shape (n,): of `attempts` tries the first box that fits, else the centre crop."""
     area = height * width * (cfg.crop_scale_min + (cfg.crop_scale_max - cfg.crop_scale_min) * u[0])
     log_lo, log_hi = math.log(cfg.crop_ratio_min), math.log(cfg.crop_ratio_max)
     aspect = torch.exp(log_lo + (log_hi - log_lo) * u[1])
     w, h = torch.round(torch.sqrt(area * aspect)), torch.round(torch.sqrt(area / aspect))
-    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)  # of 10 tries, the first that fits (argmax: first True)
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)  # argmax: the first True
     first = fits.to(torch.int8).argmax(1, keepdim=True)
     h, w = h.gather(1, first).squeeze(1), w.gather(1, first).squeeze(1)
     top = torch.floor(u[2, :, 0] * (height - h + 1)).clamp(max=height - h)  # randint(0, H - h + 1)
@@ -276,20 +282,33 @@ def color_jitter(x, order, factors):
         x = blend_step(x, op, factors)
     return x
 
-def augment(images_uint8, cfg, generator=None, size=32):
-    """One SimCLR view of each image: uint8 NCHW -> float NCHW in [0, 1], size x size."""
-    n, device = images_uint8.shape[0], images_uint8.device
-    rand = lambda *shape: torch.rand(*shape, generator=generator, device=device)  # noqa: E731
+def draw_augment_params(n, generator, device):
+    """Every random number one view of n images needs, in six calls on the generator (the order of the draws is the
+    seeded stream since the first version: runs with the same seed stay the same): crop (float64, as torchvision's
+    Python floats), flip, jitter on/off, the four jitter factors, the jitter order, grayscale."""
+    rand = lambda *shape, **kw: torch.rand(*shape, generator=generator, device=device, **kw)  # noqa: E731
+    return rand(4, n, 10, dtype=torch.float64), rand(n), rand(n), rand(n, 4), rand(n, 4), rand(n)
+
+def sample_crop_boxes(n, height, width, cfg, generator, device):  # the crop boxes alone, eagerly
+    return crop_boxes(draw_augment_params(n, generator, device)[0], height, width, cfg)
+
+def apply_augment(images_uint8, params, cfg, size=32):
+    """One SimCLR view of each image from drawn params: uint8 NCHW -> float NCHW in [0, 1], size x size. Pure (no
+    randomness, static shapes), so the Trainer compiles it into a few fused kernels per batch shape."""
+    crop_u, flip_u, jitter_u, factor_u, order_u, gray_u = params
     x = images_uint8.float().div_(255)
-    x = resized_crop(x, *sample_crop_boxes(n, x.shape[2], x.shape[3], cfg, generator, device), size)
-    x = torch.where((rand(n) < cfg.flip_p).view(-1, 1, 1, 1), x.flip(3), x)
-    jitter, u = rand(n) < cfg.jitter_p, rand(n, 4)
-    # torchvision's factor ranges, U[max(0, 1-s), 1+s] and U[-hue, hue]; an image not jittered gets the identity
-    columns = [torch.where(jitter, max(0.0, 1 - s) + (1 + s - max(0.0, 1 - s)) * u[:, i], 1.0)
+    x = resized_crop(x, *crop_boxes(crop_u, x.shape[2], x.shape[3], cfg), size)
+    x = torch.where((flip_u < cfg.flip_p).view(-1, 1, 1, 1), x.flip(3), x)
+    jitter = jitter_u < cfg.jitter_p  # torchvision's ranges U[max(0, 1-s), 1+s], U[-hue, hue]; else the identity
+    columns = [torch.where(jitter, max(0.0, 1 - s) + (1 + s - max(0.0, 1 - s)) * factor_u[:, i], 1.0)
                for i, s in enumerate((cfg.brightness, cfg.contrast, cfg.saturation))]
-    factors = torch.stack(columns + [torch.where(jitter, (2 * u[:, 3] - 1) * cfg.hue, 0.0)], dim=1)
-    x = color_jitter(x, rand(n, 4).argsort(dim=1), factors)  # argsort of uniforms: a random order per image
-    return torch.where((rand(n) < cfg.grayscale_p).view(-1, 1, 1, 1), grayscale(x).expand_as(x), x)
+    factors = torch.stack(columns + [torch.where(jitter, (2 * factor_u[:, 3] - 1) * cfg.hue, 0.0)], dim=1)
+    x = color_jitter(x, order_u.argsort(dim=1), factors)  # argsort of uniforms: a random order per image
+    return torch.where((gray_u < cfg.grayscale_p).view(-1, 1, 1, 1), grayscale(x).expand_as(x), x)
+
+def augment(images_uint8, cfg, generator=None, size=32):  # one view, eagerly
+    return apply_augment(images_uint8, draw_augment_params(len(images_uint8), generator, images_uint8.device), cfg,
+                         size)
 
 ########################## Model ###########################
 # torchvision's ResNet blocks with a width knob: at width 64 parameter names, shapes and initialisation are
@@ -342,20 +361,24 @@ class SimCLRModel(nn.Module):
 make_model = SimCLRModel
 
 ########################### Loss ###########################
-def info_nce(z, temperature=0.5):
-    """SimCLR's loss as the reference computes it: z holds both views stacked (2N x d); cosine similarities over the
-    2N x 2N matrix, diagonal masked, the other view of each image is the positive; mean over all 2N rows."""
+def info_nce(z, temperature=0.5, n_views=2):
+    """SimCLR's loss as the reference computes it: z holds the views stacked view-major (VN x d); cosine similarities
+    over the VN x VN matrix, diagonal masked; every other view of an image is a positive (the mean of their log-softmax,
+    SupCon's multi-positive form: the reference's cross-entropy at 2 views); mean over all VN rows."""
     z = F.normalize(z.float(), dim=1)
-    logits = (z @ z.T / temperature).fill_diagonal_(float("-inf"))
-    return F.cross_entropy(logits, (torch.arange(len(z), device=z.device) + len(z) // 2) % len(z))
+    logits, rows = (z @ z.T / temperature).fill_diagonal_(float("-inf")), torch.arange(len(z), device=z.device)
+    if n_views == 2:  # the reference's own form, so a step equals its step bit for bit
+        return F.cross_entropy(logits, (rows + len(z) // 2) % len(z))
+    positive = ((rows[:, None] - rows[None]) % (len(z) // n_views) == 0).fill_diagonal_(False)
+    return -torch.where(positive, logits.log_softmax(1), 0.0).sum() / (len(z) * (n_views - 1))
 
-def gather_views(z):
-    """Both views of every process's images, view-major over the global batch, with gradient: every process computes
+def gather_views(z, n_views=2):
+    """All views of every process's images, view-major over the global batch, with gradient: every process computes
     the one-GPU loss of the global batch; all_gather's backward sums their gradients, DDP averages: exactly its own."""
     if not dist.is_initialized():
         return z
     from torch.distributed.nn.functional import all_gather
-    return torch.cat([part.view(2, -1, z.shape[1]) for part in all_gather(z)], dim=1).flatten(0, 1)
+    return torch.cat([part.view(n_views, -1, z.shape[1]) for part in all_gather(z)], dim=1).flatten(0, 1)
 
 ######################## Evaluation ########################
 @torch.no_grad()
@@ -409,6 +432,9 @@ def learning_rate(cfg, peak_lr, epoch, step, steps_per_epoch):
     t = epoch - cfg.warmup_epochs + (step / steps_per_epoch if cfg.lr_schedule == "step" else 0.0)
     return peak_lr * (1 + math.cos(math.pi * t / (cfg.epochs - cfg.warmup_epochs))) / 2
 
+def view_px(cfg, epoch):  # progressive resolution: the views' size in epoch `epoch` (counted from 0)
+    return cfg.low_res_px if epoch < cfg.low_res_epochs else 32
+
 def resolve_device(cfg):
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise HarnessError("device=cuda asked for, but torch sees no CUDA GPU; use --device cpu or auto")
@@ -442,28 +468,29 @@ class Trainer:
                 model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
         # dynamic=False: the last partial batch gets a static graph of its own (warmed up too), not a slower dynamic one
         self.forward = torch.compile(network, dynamic=False) if self.compiled else network
+        self.augment = torch.compile(apply_augment, dynamic=False) if self.compiled else apply_augment
         self.peak_lr = cfg.base_lr * cfg.batch_size / 256
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=self.peak_lr, momentum=cfg.momentum,
                                          weight_decay=cfg.weight_decay, nesterov=cfg.nesterov,
                                          **({"fused": True} if device.type == "cuda" else {}))
         self.batch_sizes = epoch_batches(cfg, n_train, self.world_size)
 
-    def views(self, images_uint8, generator):  # -> the two views of a step, in the configured memory format
-        return [augment(images_uint8, self.cfg, generator).contiguous(memory_format=self.memory_format)
-                for _ in range(2)]
+    def views(self, images_uint8, generator, size=32):  # -> n_views views, in the configured memory format
+        return [self.augment(images_uint8, draw_augment_params(len(images_uint8), generator, self.device), self.cfg,
+                             size).contiguous(memory_format=self.memory_format) for _ in range(self.cfg.n_views)]
 
     def update(self, views):
         """One optimizer step on this process's views -> the loss of the global batch, on the device."""
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             z = self.forward(views)
-        loss = info_nce(gather_views(z), self.cfg.temperature)
+        loss = info_nce(gather_views(z, self.cfg.n_views), self.cfg.temperature, self.cfg.n_views)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
         return loss.detach()
 
-    def step(self, images_uint8, generator):
-        return self.update(self.views(images_uint8, generator))
+    def step(self, images_uint8, generator, size=32):
+        return self.update(self.views(images_uint8, generator, size))
 
     def warm_up(self):
         """Compile and autotune each batch shape on random images, then restore model and optimizer: trains nothing."""
@@ -471,11 +498,13 @@ class Trainer:
             return
         states = copy.deepcopy((self.model.state_dict(), self.optimizer.state_dict()))
         generator = torch.Generator(self.device).manual_seed(12345)  # not the run's generators: their streams stay
-        for batch in sorted(set(self.batch_sizes)):
-            fake = torch.randint(0, 256, (batch // self.world_size, 3, 32, 32), dtype=torch.uint8,
-                                 device=self.device, generator=generator)
+        fake = torch.randint(0, 256, (sum(self.batch_sizes), 3, 32, 32), dtype=torch.uint8, device=self.device,
+                             generator=generator)
+        fake = fake[torch.randperm(len(fake), generator=generator, device=self.device)]  # the epoch's first shuffle
+        sizes = {view_px(self.cfg, epoch) for epoch in (0, self.cfg.epochs - 1)}  # progressive resolution: two
+        for batch, size in sorted({(b, px) for b in self.batch_sizes for px in sizes}):
             for _ in range(self.cfg.compile_warmup_steps):
-                self.step(fake, generator)
+                self.step(fake[:batch // self.world_size], generator, size)
         synchronize(self.device)
         self.model.load_state_dict(states[0])
         self.optimizer.load_state_dict(states[1])
@@ -488,7 +517,8 @@ class Trainer:
             lrs.append(learning_rate(self.cfg, self.peak_lr, epoch, i, len(self.batch_sizes)))
             for group in self.optimizer.param_groups:
                 group["lr"] = lrs[-1]
-            loss_sum += self.step(train_images[batch.tensor_split(self.world_size)[self.rank]], augment_generator)
+            loss_sum += self.step(train_images[batch.tensor_split(self.world_size)[self.rank]], augment_generator,
+                                  view_px(self.cfg, epoch))
         return loss_sum / len(self.batch_sizes), lrs[0]
 
 ######################### Logging ##########################
@@ -526,28 +556,45 @@ def ineligibility(cfg, device, data_report):
         (f"trained on a subset of {cfg.train_subset} images", cfg.train_subset),
         ("target is not kNN k=10 >= 90.0%", cfg.target_pct != 90.0 or cfg.knn_k != 10)) if broken]
 
-def write_atomic(path, write):
-    """write(binary file) into a temp file in the same folder, then rename: no reader sees a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp_")
+def write_atomic(path, write, replace=True):
+    """write(binary file) into a new file beside `path`, then move it there in one step: no reader sees half a file.
+    It replaces only a regular file (the log, rewritten each epoch); replace=False never replaces anything."""
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".tmp_{uuid.uuid4().hex}")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as f:  # the user's umask
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+        if not replace:
+            os.link(tmp, path)  # fails if anything is there, a dangling link too
+        elif os.path.lexists(path) and not stat.S_ISREG(os.lstat(path).st_mode):
+            raise HarnessError(f"{path} is no longer a regular file (a link, folder or device): not replacing it")
+        else:
+            os.replace(tmp, path)
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
 
-def check_writable(folder, what, file=""):  # -> a HarnessError now if a result could not be written there later
-    if os.path.isdir(file):
-        raise HarnessError(f"save_checkpoint {file!r} is a folder; give a file path")
+def check_writable(folder, what):  # -> a HarnessError now if a result could not be written there later
     try:
         os.makedirs(folder, exist_ok=True)
         os.close(os.open(probe := os.path.join(folder, f".write_test_{uuid.uuid4().hex}"), os.O_CREAT | os.O_EXCL))
         os.unlink(probe)
     except OSError as error:
         raise HarnessError(f"{what} {folder!r} is not a writable folder: {error.strerror or error}") from None
+
+def save_backbone(backbone, cfg, path):
+    """The trained backbone, fp32 on the CPU as the kNN checks evaluated it, in a new file -> its log entry."""
+    backbone, buffer = copy.deepcopy(backbone).float().cpu().eval(), io.BytesIO()
+    if cfg.save_model == "export":  # standard aten operators only: loadable without this file's Python
+        example, batch = torch.rand(2, 3, 32, 32), torch.export.Dim("batch")
+        torch.export.save(torch.export.export(backbone, (example,), dynamic_shapes=({0: batch},)), buffer)
+    else:
+        torch.save(dict(format="airbench-ssl-model/1", kind="weights", arch=cfg.arch, width=cfg.width, state_dict={
+            name: value.contiguous() for name, value in backbone.state_dict().items()}), buffer)
+    write_atomic(path, lambda f: f.write(buffer.getvalue()), replace=False)
+    return dict(file=os.path.basename(path), format=cfg.save_model, sha256=hashlib.sha256(buffer.getvalue()).hexdigest(),
+                bytes=len(buffer.getvalue()))
 
 def reserve_log_path(cfg):
     """A new, never-before-used log file: created exclusively, so no existing log is ever overwritten."""
@@ -691,8 +738,6 @@ def train_run(cfg, argv, sources):
             " on a training subset, ~5 min on 2 cores" * (sources["preset"] == "cpu_demo"))
     if rank == 0:  # before the data load and warm-up, not after an hour of training
         check_writable(cfg.log_dir, "log_dir")
-        if cfg.save_checkpoint:
-            check_writable(os.path.dirname(cfg.save_checkpoint) or ".", "save_checkpoint's folder", cfg.save_checkpoint)
     torch.manual_seed(cfg.seed)
     order_gen = torch.Generator(device).manual_seed(cfg.seed)  # the same order on every process
     augment_gen = torch.Generator(device).manual_seed(hash((cfg.seed, rank)) % 2**63)  # its own augmentations
@@ -714,7 +759,7 @@ def train_run(cfg, argv, sources):
         code=dict(path="airbench_ssl.py", source=source, sha256=hashlib.sha256(source.encode()).hexdigest()),
         environment=environment, data=data["report"], eligible=not reasons, ineligible_reasons=reasons,
         timing=TIMING_STATEMENT, epochs=[], untimed_seconds=untimed, result=dict(target_pct=cfg.target_pct),
-        final_eval=None), path, wall_start)
+        final_eval=None, model=None), path, wall_start)
     rows, status, timed_seconds, trained = run.log["epochs"], "max_epochs", 0.0, False
     try:
         run.save("running")
@@ -760,10 +805,9 @@ def train_run(cfg, argv, sources):
             run.log["final_eval"] = {f"knn{k}_pct": knn_accuracy(features[0], data["train_labels"], features[1],
                                                                  data["test_labels"], k) for k in (5, 10)}
             untimed["final_eval"] = time.perf_counter() - start
-            if cfg.save_checkpoint:  # weights and config, for tools/evaluate.py
-                state = {k: v.detach().cpu().contiguous() for k, v in trainer.model.state_dict().items()}
-                write_atomic(cfg.save_checkpoint, lambda f: torch.save(dict(format="airbench-ssl-checkpoint/1", config=
-                             dataclasses.asdict(cfg), run_id=run.log["run_id"], state_dict=state), f))
+            if cfg.save_model != "false":  # what tools/leaderboard.py verify recomputes the accuracy from
+                run.log["model"] = save_backbone(trainer.model.backbone, cfg, path[:-len(".json")] + ".model.pt")
+                say(f"model: {os.path.join(cfg.log_dir, run.log['model']['file'])}")
             run.save(status, message)
     except (KeyboardInterrupt, Exception) as error:  # OOM, compile errors, NaN, Ctrl-C: logged, then one line
         raise run.fail(error, after_training=trained) from None

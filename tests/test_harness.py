@@ -4,6 +4,7 @@ CPU, the run log, and every way a run can go wrong (one stderr line, the right e
 import copy
 import dataclasses
 import hashlib
+import io
 import json
 import math
 import os
@@ -222,9 +223,9 @@ def test_an_epoch_sees_every_image_once_in_a_fresh_order_with_two_different_view
     seen, sizes, losses = [], [], []
     real_views, real_update = trainer.views, trainer.update
 
-    def views(images_uint8, generator):
+    def views(images_uint8, generator, size):
         seen.append(images_uint8[:, 0, 0, 0].tolist())
-        return real_views(images_uint8, generator)
+        return real_views(images_uint8, generator, size)
 
     def update(step_views):
         assert len(step_views) == 2 and step_views[0].shape == step_views[1].shape
@@ -448,17 +449,15 @@ def test_a_training_step_has_no_host_sync(planted, monkeypatch):
 #     Runs, logs, and the stop rule         #
 #############################################
 def test_run_log_is_self_contained_and_follows_the_format(official_fake_root, tmp_path):
-    checkpoint = tmp_path / "ckpt" / "model.pt"
-    argv_tail = ["--epochs", "3", "--check-first-epoch", "0", "--check-every-epochs", "2", "--target-pct", "100",
-                 "--save-checkpoint", str(checkpoint)]
+    argv_tail = ["--epochs", "3", "--check-first-epoch", "0", "--check-every-epochs", "2", "--target-pct", "100"]
     code, logs = run_main(official_fake_root, tmp_path / "logs", *argv_tail)
     assert code == 0 and len(logs) == 1
-    name = os.listdir(tmp_path / "logs")[0]
+    name, model_name = sorted(os.listdir(tmp_path / "logs"))
     text = open(tmp_path / "logs" / name).read()
     log = json.loads(text, parse_constant=lambda c: pytest.fail(f"log is not strict JSON: {c}"))
     assert {"format", "kind", "run_id", "created_utc", "argv", "launch", "config_sources", "config", "code",
             "environment", "data", "eligible", "ineligible_reasons", "timing", "epochs", "untimed_seconds", "result",
-            "final_eval", "total_wall_seconds"} <= set(log)
+            "final_eval", "model", "total_wall_seconds"} <= set(log)
     assert (log["format"], log["kind"], log["run_id"]) == ("airbench-ssl-log/2", "train", name[:-5])
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", log["created_utc"])
     assert log["argv"] == ["--data-dir", official_fake_root, "--log-dir", str(tmp_path / "logs"), *TINY, *argv_tail]
@@ -499,12 +498,20 @@ def test_run_log_is_self_contained_and_follows_the_format(official_fake_root, tm
     assert log["total_wall_seconds"] >= result["timed_seconds"] + sum(log["untimed_seconds"].values())
     # the final table reuses the last check's features: its k=10 is that check's number
     assert log["final_eval"]["knn10_pct"] == rows[-1]["knn_pct"] and 0 <= log["final_eval"]["knn5_pct"] <= 100
-    saved = torch.load(checkpoint, weights_only=True)
-    assert saved["format"] == "airbench-ssl-checkpoint/1" and saved["run_id"] == log["run_id"]
-    assert saved["config"] == log["config"]
-    model = ab.make_model("resnet18", 8, 32, 16)
-    model.load_state_dict(saved["state_dict"])  # strict: every weight and buffer, nothing else
-    assert os.listdir(checkpoint.parent) == ["model.pt"]
+    # the trained backbone beside the log, named by it, its hash and size in the log; weights only, plain fp32 tensors
+    artefact = (tmp_path / "logs" / model_name).read_bytes()
+    assert model_name == log["run_id"] + ".model.pt" and log["model"] == dict(
+        file=model_name, format="weights", sha256=hashlib.sha256(artefact).hexdigest(), bytes=len(artefact))
+    saved = torch.load(io.BytesIO(artefact), weights_only=True)
+    assert {k: v for k, v in saved.items() if k != "state_dict"} == dict(
+        format="airbench-ssl-model/1", kind="weights", arch="resnet18", width=8)
+    backbone = ab.CifarResNet("resnet18", 8)
+    backbone.load_state_dict(saved["state_dict"])  # strict: every weight and buffer, nothing else
+    assert all(v.dtype in (torch.float32, torch.int64) and v.is_contiguous() for v in saved["state_dict"].values())
+    # the saved backbone gives the logged accuracy when evaluated as the run's checks did
+    data = ab.load_cifar10(official_fake_root, CPU)
+    train, test = (ab.extract_features(backbone, images) for images in (data["train_images"][:80], data["test_images"]))
+    assert ab.knn_accuracy(train, data["train_labels"][:80], test, data["test_labels"]) == result["knn_at_stop_pct"]
 
 
 def test_run_stops_at_the_first_check_that_reaches_the_target(fake_cifar_root, tmp_path, monkeypatch, capsys):
@@ -634,13 +641,13 @@ def test_two_runs_with_the_same_seed_in_the_same_second_both_keep_their_logs(fak
     extra = ["--epochs", "1", "--check-first-epoch", "1", "--target-pct", "100", "--seed", "5"]
     assert run_main(fake_cifar_root, tmp_path, *extra)[0] == 0
     first_calls = len(calls)
-    (first_name,) = os.listdir(tmp_path)
-    first_bytes = open(tmp_path / first_name, "rb").read()
+    first_names = sorted(os.listdir(tmp_path))  # the log and the model
+    first_bytes = [open(tmp_path / name, "rb").read() for name in first_names]
     fixed_until[0] = 2 * first_calls + 1  # the second run draws the first run's names, then collides once more
     code, logs = run_main(fake_cifar_root, tmp_path, *extra)
     assert code == 0 and len(calls) > 2 * first_calls  # it did collide and draw again
-    assert len(logs) == 2 and len(set(os.listdir(tmp_path))) == 2
-    assert open(tmp_path / first_name, "rb").read() == first_bytes
+    assert len(logs) == 2 and len(set(os.listdir(tmp_path))) == 4
+    assert [open(tmp_path / name, "rb").read() for name in first_names] == first_bytes
     assert [log["result"]["status"] for log in logs] == ["max_epochs", "max_epochs"]
     assert logs[0]["run_id"] != logs[1]["run_id"] and logs[0]["config"]["seed"] == logs[1]["config"]["seed"] == 5
 
@@ -753,26 +760,14 @@ def unwritable_folder(tmp_path):
     return folder
 
 
-@pytest.mark.parametrize("where", ["log_dir is a file", "log_dir unwritable", "checkpoint under a file",
-                                   "checkpoint is a folder", "checkpoint folder unwritable"])
+@pytest.mark.parametrize("where", ["log_dir is a file", "log_dir unwritable"])
 def test_unwritable_outputs_are_refused_before_the_data_load(where, fake_cifar_root, tmp_path, monkeypatch, capsys):
     a_file = tmp_path / "a_file"
     a_file.write_text("keep")
-    log_dir, checkpoint, expect = tmp_path / "logs", "", "log_dir"
-    if where == "log_dir is a file":
-        log_dir = a_file
-    elif where == "log_dir unwritable":
-        log_dir = unwritable_folder(tmp_path)
-    elif where == "checkpoint under a file":
-        checkpoint, expect = str(a_file / "model.pt"), "save_checkpoint"
-    elif where == "checkpoint is a folder":
-        checkpoint, expect = str(tmp_path), "save_checkpoint"
-    else:
-        checkpoint, expect = str(unwritable_folder(tmp_path) / "model.pt"), "save_checkpoint"
+    log_dir, expect = (a_file if where == "log_dir is a file" else unwritable_folder(tmp_path)), "log_dir"
     loads = []
     monkeypatch.setattr(ab, "load_cifar10", lambda *args, **kwargs: loads.append(args) or pytest.fail("data loaded"))
-    extra = ["--save-checkpoint", checkpoint] if checkpoint else []
-    code, _ = run_main(fake_cifar_root, log_dir, *extra)
+    code, _ = run_main(fake_cifar_root, log_dir)
     assert code == 1 and loads == []
     assert expect in error_line(capsys.readouterr().err)
     assert a_file.read_text() == "keep"
@@ -825,20 +820,71 @@ def test_failure_in_the_final_evaluation_keeps_the_training_result(error, reason
     assert log["epochs"][-1]["knn_pct"] is not None and log["final_eval"] is None
 
 
-def test_checkpoint_failing_at_the_end_keeps_the_final_evaluation(official_fake_root, tmp_path, monkeypatch, capsys):
+def test_model_failing_to_save_at_the_end_keeps_the_final_evaluation(official_fake_root, tmp_path, monkeypatch,
+                                                                      capsys):
     def no_space(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", no_space)
-    checkpoint = tmp_path / "ckpt" / "model.pt"
     code, logs = run_main(official_fake_root, tmp_path / "logs", "--epochs", "1", "--check-first-epoch", "1",
-                          "--target-pct", "100", "--save-checkpoint", str(checkpoint))
+                          "--target-pct", "100")
     assert code == 1
     assert "No space left on device" in error_line(capsys.readouterr().err)
     log = logs[0]
     assert log["result"]["status"] == "max_epochs" and "No space left" in log["result"]["after_training_error"]
     assert log["final_eval"]["knn10_pct"] == log["epochs"][-1]["knn_pct"] and log["final_eval"]["knn5_pct"] >= 0
-    assert os.listdir(checkpoint.parent) == []  # neither a checkpoint nor a temp file
+    assert log["model"] is None and os.listdir(tmp_path / "logs") == [log["run_id"] + ".json"]  # no model, no temp
+
+
+@pytest.mark.parametrize("occupant", ["file", "symlink", "dangling symlink", "folder"])
+def test_the_model_never_replaces_what_is_already_at_its_path(occupant, official_fake_root, tmp_path, monkeypatch,
+                                                              capsys):
+    """The artefact's name is the log's plus .model.pt; whatever already holds that name stays as it was."""
+    real_reserve, target = ab.reserve_log_path, tmp_path / "elsewhere"
+    target.write_text("keep")
+
+    def reserve_and_occupy(cfg):
+        path = real_reserve(cfg)
+        model_path = path[:-len(".json")] + ".model.pt"
+        if occupant == "file":
+            open(model_path, "w").write("keep")
+        elif occupant == "folder":
+            os.mkdir(model_path)
+        else:
+            os.symlink(target if occupant == "symlink" else tmp_path / "missing", model_path)
+        return path
+
+    monkeypatch.setattr(ab, "reserve_log_path", reserve_and_occupy)
+    code, logs = run_main(official_fake_root, tmp_path / "logs", "--epochs", "1", "--check-first-epoch", "1",
+                          "--target-pct", "100")
+    assert code == 1 and "exists" in error_line(capsys.readouterr().err)
+    log = logs[0]
+    assert log["result"]["status"] == "max_epochs" and log["model"] is None
+    model_path = tmp_path / "logs" / (log["run_id"] + ".model.pt")
+    assert target.read_text() == "keep" and not (tmp_path / "missing").exists()
+    assert {"file": model_path.is_file, "folder": model_path.is_dir}.get(occupant, model_path.is_symlink)()
+    assert sorted(os.listdir(tmp_path / "logs")) == sorted([log["run_id"] + ".json", model_path.name])  # no temp
+
+
+@pytest.mark.parametrize("save_model", ["false", "export"])
+def test_save_model_false_saves_nothing_and_export_saves_a_program(save_model, official_fake_root, tmp_path):
+    code, logs = run_main(official_fake_root, tmp_path, "--epochs", "1", "--check-first-epoch", "1", "--target-pct",
+                          "100", "--save-model", save_model)
+    (log,) = logs
+    assert code == 0 and log["config"]["save_model"] == save_model
+    if save_model == "false":
+        assert log["model"] is None and os.listdir(tmp_path) == [log["run_id"] + ".json"]
+        return
+    program = torch.export.load(str(tmp_path / log["model"]["file"]))
+    assert log["model"]["format"] == "export" and log["model"]["sha256"] == hashlib.sha256(
+        (tmp_path / log["model"]["file"]).read_bytes()).hexdigest()
+    targets = {node.target for node in program.graph.nodes if node.op == "call_function"}
+    assert targets and all(isinstance(t, torch._ops.OpOverload) and t.namespace == "aten" for t in targets)
+    data, module = ab.load_cifar10(official_fake_root, CPU), program.module()
+    with torch.no_grad():  # an exported program is fixed in eval mode: called as it is
+        train, test = (module(images.float().div(255)) for images in (data["train_images"][:80], data["test_images"]))
+    assert ab.knn_accuracy(train, data["train_labels"][:80], test, data["test_labels"]) == \
+        log["result"]["knn_at_stop_pct"]
 
 
 #############################################
