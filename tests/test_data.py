@@ -132,18 +132,46 @@ def test_data_dir_may_be_the_parent_or_the_batches_folder(fake_cifar_root):
         assert data["report"]["data_dir"] == folder
 
 
-def test_missing_dataset_names_the_searched_places(tmp_path, monkeypatch):
+def test_missing_dataset_names_the_place_searched(tmp_path, monkeypatch):
     empty = tmp_path / "nothing here"
     empty.mkdir()
     with pytest.raises(ab.HarnessError) as error:
         ab.load_cifar10(str(empty), "cpu", download=False)
     assert str(empty) in str(error.value) and "--data-dir" in str(error.value)
+    # data_dir "": $AIRBENCH_SSL_DATA if set, else ./data beside the harness; nothing else is searched
+    monkeypatch.setattr(ab, "DEFAULT_DATA_DIR", str(tmp_path / "default"))
+    for env, expect in ((None, tmp_path / "default"), (str(tmp_path / "from env"), tmp_path / "from env")):
+        monkeypatch.delenv("AIRBENCH_SSL_DATA", raising=False) if env is None else monkeypatch.setenv(
+            "AIRBENCH_SSL_DATA", env)
+        with pytest.raises(ab.HarnessError) as error:
+            ab.load_cifar10("", "cpu", download=False)
+        assert f"not found in {expect}:" in str(error.value) and "shared" not in str(error.value)
 
-    defaults = (str(tmp_path / "first"), str(tmp_path / "second"))  # data_dir "" searches the default places
-    monkeypatch.setattr(ab, "DEFAULT_DATA_DIRS", defaults)
-    with pytest.raises(ab.HarnessError) as error:
-        ab.load_cifar10("", "cpu", download=False)
-    assert defaults[0] in str(error.value) and defaults[1] in str(error.value) and "--data-dir" in str(error.value)
+
+@pytest.mark.parametrize("outcome", ["fails after writing", "succeeds"])
+def test_a_download_leaves_nothing_behind_unless_it_succeeds(outcome, tmp_path, monkeypatch, capsys):
+    """torchvision downloads into a temporary folder; data_dir is created only to receive a complete copy."""
+    calls = []
+
+    def fake_download(root, download):
+        calls.append(root)
+        write_fake_cifar(root, per_batch=2, n_test=2)  # what a download unpacks, or half of it
+        with open(os.path.join(root, "cifar-10-python.tar.gz"), "wb") as f:
+            f.write(b"partial archive")
+        if outcome != "succeeds":
+            raise RuntimeError("Connection refused")
+
+    monkeypatch.setattr(ab.torchvision.datasets, "CIFAR10", fake_download)
+    data_dir = tmp_path / "new" / "data"
+    if outcome == "succeeds":
+        assert ab.load_cifar10(str(data_dir), "cpu", download=True)["report"]["train_images"] == 10
+        assert os.listdir(data_dir) == [ab.CIFAR_FOLDER]  # the batches, not the archive
+    else:
+        with pytest.raises(ab.HarnessError, match="download failed.*Connection refused") as error:
+            ab.load_cifar10(str(data_dir), "cpu", download=True)
+        assert "\n" not in str(error.value) and not (tmp_path / "new").exists()
+        assert capsys.readouterr().err == ""  # one line, the error's own: nothing printed before it
+    assert len(calls) == 1 and not os.path.exists(calls[0])  # the temporary folder is gone either way
 
 
 def test_incomplete_folder_is_not_found(writable_copy):
@@ -169,17 +197,6 @@ def test_find_cifar_needs_all_six_files(writable_copy):
     assert ab.find_cifar(data_dir) is None
     os.mkdir(os.path.join(folder, "test_batch"))  # a folder of that name is not the file
     assert ab.find_cifar(data_dir) is None
-
-
-def test_find_cifar_searches_the_default_places_in_order(fake_cifar_root, tmp_path, monkeypatch):
-    second = tmp_path / "second"
-    write_fake_cifar(str(second), per_batch=2, n_test=2)
-    empty_first = (str(tmp_path / "first"), str(second))
-    monkeypatch.setattr(ab, "DEFAULT_DATA_DIRS", empty_first)
-    assert ab.find_cifar("") == os.path.join(str(second), ab.CIFAR_FOLDER)
-    monkeypatch.setattr(ab, "DEFAULT_DATA_DIRS", (fake_cifar_root, str(second)))
-    assert ab.find_cifar("") == os.path.join(fake_cifar_root, ab.CIFAR_FOLDER)  # the first place that has it wins
-    assert ab.find_cifar(str(tmp_path / "first")) is None  # a data_dir given is the only place searched
 
 
 def test_official_md5s_are_torchvisions():

@@ -283,10 +283,16 @@ def test_extract_features_is_the_eval_mode_forward_and_leaves_the_model_as_it_wa
 #############################################
 #     Compiled path, rehearsed on CPU       #
 #############################################
-def test_compiled_run_has_no_recompile_or_graph_break_in_timed_epochs(official_fake_root, tmp_path, monkeypatch):
+@pytest.mark.parametrize("levers", [[], pytest.param(["--low-res-px", "16", "--low-res-epochs", "1", "--n-views", "3"],
+                                                      marks=pytest.mark.slow)],  # ~50 s: compiles 4 shapes
+                         ids=["recipe", "progressive resolution, 3 views"])
+def test_compiled_run_has_no_recompile_or_graph_break_in_timed_epochs(levers, official_fake_root, tmp_path,
+                                                                      monkeypatch):
     """--compile on --bf16 on --channels-last on, compiled by dynamo with the aot_eager backend (no C++ build):
     graph breaks and recompiles are dynamo's, so they show here as they would on a GPU. Warm-up must compile every
-    batch shape of the run (40 images in batches of 16: 16 and a tail of 8), so the timed epochs compile nothing."""
+    batch shape of the run (40 images in batches of 16: 16 and a tail of 8) at every view size (progressive
+    resolution: 16 px in epoch 1, 32 px in epoch 2), for the model and the augmentation, so the timed epochs compile
+    nothing."""
     torch._dynamo.reset()
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda model, **kw: real_compile(model, **dict(kw, backend="aot_eager")))
@@ -303,7 +309,8 @@ def test_compiled_run_has_no_recompile_or_graph_break_in_timed_epochs(official_f
         marks["after_warm_up"], marks["batch_sizes"] = snapshot(), list(self.batch_sizes)
 
     def update(self, views):
-        shapes[phase[0]].append(len(views[0]))
+        assert len(views) == self.cfg.n_views and len({v.shape for v in views}) == 1
+        shapes[phase[0]].append((len(views[0]), views[0].shape[-1]))
         formats.extend(v.is_contiguous(memory_format=torch.channels_last) and not v.is_contiguous() for v in views)
         return real_update(self, views)
 
@@ -318,13 +325,14 @@ def test_compiled_run_has_no_recompile_or_graph_break_in_timed_epochs(official_f
     try:
         code, logs = run_main(official_fake_root, tmp_path, "--train-subset", "40", "--batch-size", "16",
                               "--compile", "on", "--bf16", "on", "--channels-last", "on", "--compile-warmup-steps",
-                              "1", "--epochs", "2", "--check-first-epoch", "2", "--target-pct", "100")
+                              "1", "--epochs", "2", "--check-first-epoch", "2", "--target-pct", "100", *levers)
     finally:
         torch._dynamo.reset()
     assert code == 0 and logs[0]["result"]["status"] == "max_epochs"
     assert marks["batch_sizes"] == [16, 16, 8]
-    assert sorted(shapes["warm_up"]) == [8, 16]  # one warm-up step per batch shape of the run
-    assert sorted(set(shapes["train"])) == [8, 16] and len(shapes["train"]) == 6
+    sizes = [16, 32] if levers else [32]
+    assert sorted(shapes["warm_up"]) == [(b, px) for b in (8, 16) for px in sizes]  # a step per shape of the run
+    assert shapes["train"] == [(16, sizes[0]), (16, sizes[0]), (8, sizes[0]), (16, 32), (16, 32), (8, 32)]
     assert formats and all(formats)  # channels_last views reach the compiled model
     before, warm, after = marks["before_warm_up"], marks["after_warm_up"], marks["after_training"]
     graphs = lambda c: c.get("stats", {}).get("unique_graphs", 0)  # noqa: E731
