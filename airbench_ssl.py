@@ -353,17 +353,18 @@ def gather_views(z, n_views=2):
 ######################## Evaluation ########################
 @torch.no_grad()
 def extract_features(backbone, images_uint8, batch_size=1024):  # unaugmented images, eval mode, fp32 as the reference
-    was_training = backbone.training
+    was_training, tf32 = backbone.training, torch.backends.cudnn.allow_tf32
     backbone.eval()
+    torch.backends.cudnn.allow_tf32 = False  # IEEE fp32 convolutions, not TF32: a verifier on any device gets our kNN
     feats = [backbone(images_uint8[i:i + batch_size].float().div(255)).float()
              for i in counted("features: batch", range(0, len(images_uint8), batch_size))]
     backbone.train(was_training)
+    torch.backends.cudnn.allow_tf32 = tf32
     return torch.cat(feats)
 @torch.no_grad()
 def knn_predict(train_feats, train_labels, test_feats, k=10, num_classes=10, block_size=1024):
     """= sklearn's KNeighborsClassifier(k, metric="cosine"): ties go to the lowest class. Blocks bound the memory."""
-    train_unit = F.normalize(train_feats, dim=1)
-    predictions = []
+    train_unit, predictions = F.normalize(train_feats, dim=1), []
     for start in range(0, len(test_feats), block_size):
         sims = F.normalize(test_feats[start:start + block_size], dim=1) @ train_unit.T
         votes = F.one_hot(train_labels[sims.topk(k, dim=1).indices], num_classes).sum(1)

@@ -1,14 +1,13 @@
 """Evaluation: the harness's kNN against sklearn; tools/evaluate.py's linear readouts (they learn, lin augm keeps
-the backbone frozen), its checkpoint loading (exact, weights-only, every bad file refused in one line) and its log."""
+the backbone frozen), its model files (tools/verify.py's safe loader, every bad file refused in one line), its table
+and log."""
 
 import contextlib
-import dataclasses
 import glob
 import io
 import json
 import math
 import os
-import pickle
 import re
 import runpy
 import sys
@@ -193,7 +192,7 @@ def test_lin_augm_views_are_crop_and_flip_only():
 def test_readout_defaults_are_the_references_and_flags_override_them():
     args = ev.build_parser().parse_args(["ckpt.pt"])
     assert args.evals == ["knn5", "knn10", "lin_precomp", "lin_augm"]
-    assert ev.readouts_from_args(args, "resnet18") == dict(
+    assert ev.readouts_from_args(args, "resnet18") == ev.readouts_from_args(args, None) == dict(
         lin_precomp=ev.Readout(lr=0.01, epochs=500, batch_size=1000, weight_decay=5e-6),
         lin_augm=ev.Readout(lr=0.1, epochs=100, batch_size=512, weight_decay=5e-6))
     assert ev.readouts_from_args(args, "resnet34")["lin_augm"].weight_decay == 5e-6
@@ -212,7 +211,7 @@ def test_readout_defaults_are_the_references_and_flags_override_them():
     ("--lin-precomp-lr", "11"), ("--lin-augm-epochs", "0"), ("--lin-precomp-epochs", "1.5"),
     ("--lin-precomp-epochs", "1000000"), ("--lin-precomp-batch-size", "0"), ("--lin-weight-decay", "-1e-6"),
     ("--lin-weight-decay", "nan"), ("--eval-batch-size", "0"), ("--seed", "-1"), ("--evals", "knn5,knn7"),
-    ("--evals", ","), ("--device", "tpu"),
+    ("--evals", ","), ("--device", "tpu"), ("--download", "maybe"),
 ])
 def test_bad_flags_are_one_line_and_exit_2(flag, value, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -223,51 +222,11 @@ def test_bad_flags_are_one_line_and_exit_2(flag, value, capsys):
 
 
 #############################################
-#                Checkpoints                #
+#                Model files                #
 #############################################
-def checkpoint_dict(model=None, **config_changes):
-    """What `airbench_ssl.py --save-checkpoint` writes, for a tiny model."""
-    model = model or tiny_model()
-    config = dataclasses.asdict(dataclasses.replace(ab.Config(), width=8, projector_hidden_dim=64, batch_size=40,
-                                                    **config_changes))
-    return dict(format="airbench-ssl-checkpoint/1", config=config, run_id="20260101T000000Z_resnet18_seed0_abcdef",
-                state_dict={k: v.detach().clone() for k, v in model.state_dict().items()})
-
-
-def test_checkpoint_round_trip_is_exact(tmp_path):
-    model = tiny_model(seed=3)
-    model.train()
-    model([torch.rand(4, 3, 32, 32)])  # move the BatchNorm buffers away from their initial values
-    path = str(tmp_path / "model.pt")
-    torch.save(checkpoint_dict(model), path)
-    loaded, config, run_id = ev.load_checkpoint(path, torch.device("cpu"))
-    assert (config["arch"], config["width"], run_id) == ("resnet18", 8, "20260101T000000Z_resnet18_seed0_abcdef")
-    state, loaded_state = model.state_dict(), loaded.state_dict()
-    assert list(state) == list(loaded_state)
-    assert all(torch.equal(state[name], loaded_state[name]) for name in state)
-    x = torch.rand(3, 3, 32, 32)
-    model.eval()
-    with torch.no_grad():
-        assert torch.equal(model([x]), loaded([x]))
-
-
-def test_checkpoints_are_read_with_weights_only(tmp_path, monkeypatch):
-    path = str(tmp_path / "model.pt")
-    torch.save(checkpoint_dict(), path)
-    calls, real_load = [], torch.load
-
-    def spy(*args, **kwargs):
-        calls.append(kwargs)
-        return real_load(*args, **kwargs)
-
-    monkeypatch.setattr(torch, "load", spy)
-    ev.load_checkpoint(path, torch.device("cpu"))
-    assert len(calls) == 1 and calls[0].get("weights_only") is True  # explicit, whatever torch's default
-
-
-def refused_args(checkpoint, tmp_path):
+def refused_args(model, tmp_path):
     """An empty --data-dir: were a bad file ever accepted, the run fails at the data instead of evaluating."""
-    return [checkpoint, "--device", "cpu", "--log-dir", str(tmp_path / "logs"), "--data-dir", str(tmp_path)]
+    return [model, "--device", "cpu", "--log-dir", str(tmp_path / "logs"), "--data-dir", str(tmp_path)]
 
 
 class Payload:
@@ -280,69 +239,48 @@ class Payload:
         return open, (self.marker, "w")
 
 
-@pytest.mark.parametrize("container", ["torch.save", "plain pickle"])
-def test_a_malicious_pickle_is_refused_and_never_runs(tmp_path, container, capsys):
-    marker, path = tmp_path / "payload_ran", tmp_path / "evil.pt"
-    evil = dict(checkpoint_dict(), extra=Payload(str(marker)))
-    if container == "torch.save":
-        torch.save(evil, str(path))
-    else:
-        path.write_bytes(pickle.dumps(evil, protocol=2))
-    assert ev.main(refused_args(str(path), tmp_path)) == 1
+def weights_file(**changes):
+    """What the harness saves with --save-model weights, for a tiny backbone."""
+    return dict(dict(format="airbench-ssl-model/1", kind="weights", arch="resnet18", width=8,
+                     state_dict=tiny_model().backbone.state_dict()), **changes)
+
+
+def test_model_files_are_read_with_weights_only_and_a_payload_never_runs(tmp_path, monkeypatch, capsys):
+    marker, path = tmp_path / "payload_ran", str(tmp_path / "evil.model.pt")
+    torch.save(weights_file(extra=Payload(str(marker))), path)
+    calls, real_load = [], torch.load
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    assert ev.main(refused_args(path, tmp_path)) == 1
     err = capsys.readouterr().err
-    assert err.startswith("evaluate: error: ") and "not an airbench-ssl checkpoint" in err and err.count("\n") == 1
+    assert err.startswith("evaluate: error: artefact: ") and err.count("\n") == 1
+    assert "holds a Python object (io.open)" in err
+    assert "weights_only" not in err  # torch's advice to reload unsafely is never passed on
+    assert calls and all(kwargs.get("weights_only") is True for kwargs in calls)
     assert not marker.exists()
-    if container == "torch.save":  # the payload is live: an unrestricted load runs it
-        with contextlib.suppress(Exception):
-            torch.load(str(path), weights_only=False)["extra"].close()
-        assert marker.exists()
-
-
-def damage(change):
-    def write(path):
-        checkpoint = checkpoint_dict()
-        change(checkpoint)
-        torch.save(checkpoint, path)
-    return write
-
-
-def write_other_width(path):
-    torch.save(dict(checkpoint_dict(), state_dict=ab.make_model("resnet18", 16, 64).state_dict()), path)
 
 
 BAD_FILES = [
-    ("missing", lambda path: None, "does not exist"),
-    ("folder", lambda path: os.mkdir(path), "cannot read checkpoint"),
-    ("empty", lambda path: open(path, "wb").close(), "not an airbench-ssl checkpoint"),
-    ("random bytes", lambda path: open(path, "wb").write(np.random.default_rng(0).bytes(5000)),
-     "not an airbench-ssl checkpoint"),
-    ("json", lambda path: open(path, "w").write('{"format": "airbench-ssl-checkpoint/1"}'),
-     "not an airbench-ssl checkpoint"),
-    ("other dict", lambda path: torch.save({"a": torch.zeros(2)}, path), "no format"),
-    ("bare state_dict", lambda path: torch.save(tiny_model().state_dict(), path), "no format"),
-    ("no config", damage(lambda c: c.pop("config")), "config is NoneType, not a dict"),
-    ("config missing width", damage(lambda c: c["config"].pop("width")), "config lacks width"),
-    ("width as text", damage(lambda c: c["config"].update(width="8")), "width='8' should be of type int"),
-    ("arch a number", damage(lambda c: c["config"].update(arch=5)), "arch=5 should be of type str"),
-    ("unknown arch", damage(lambda c: c["config"].update(arch="resnet99")), "choose one of"),
-    ("width 0", damage(lambda c: c["config"].update(width=0)), r"width=0 must be in \[1, 1024\]"),
-    ("NaN in config", damage(lambda c: c["config"].update(base_lr=float("nan"))), "not plain JSON"),
-    ("no run_id", damage(lambda c: c.pop("run_id")), "run_id is NoneType"),
-    ("no state_dict", damage(lambda c: c.pop("state_dict")), "state_dict is NoneType"),
-    ("other width", write_other_width, r"do not fit arch=resnet18, width=8.*is \(16, 3, 3, 3\)"),
-    ("missing weight", damage(lambda c: c["state_dict"].pop("projector.2.bias")), "1 missing"),
-    ("extra weight", damage(lambda c: c["state_dict"].update(extra=torch.zeros(1))), "1 unexpected"),
-    ("weight not a tensor", damage(lambda c: c["state_dict"].update({"projector.2.bias": 1.0})),
-     "projector.2.bias is float"),
-    ("float64 weight", damage(lambda c: c["state_dict"].update({"projector.2.bias": torch.zeros(128).double()})),
-     "torch.float64, expected"),
-    ("NaN weight", damage(lambda c: c["state_dict"]["backbone.conv1.weight"].view(-1)[5].fill_(float("nan"))),
-     "backbone.conv1.weight holds NaN"),
+    ("missing", lambda path: None, "model file: cannot read"),
+    ("folder", lambda path: os.mkdir(path), "not a regular file"),
+    ("empty", lambda path: open(path, "wb").close(), "not a file torch.save wrote"),
+    ("json", lambda path: open(path, "w").write('{"format": "airbench-ssl-model/1"}'), "not a file torch.save wrote"),
+    ("old checkpoint", lambda path: torch.save(dict(format="airbench-ssl-checkpoint/1"), path),
+     "not an airbench-ssl weights file"),
+    ("bare state_dict", lambda path: torch.save(tiny_model().backbone.state_dict(), path), "not an airbench-ssl"),
+    ("other width", lambda path: torch.save(weights_file(width=16), path), r"conv1.weight is \(8, 3, 3, 3\)"),
+    ("NaN weight", lambda path: torch.save(weights_file(state_dict={
+        k: v.fill_(float("nan")) if k == "bn1.bias" else v for k, v in tiny_model().backbone.state_dict().items()}),
+        path), "bn1.bias holds NaN"),
 ]
 
 
 @pytest.mark.parametrize("write, message", [case[1:] for case in BAD_FILES], ids=[case[0] for case in BAD_FILES])
-def test_bad_checkpoints_are_one_line_and_exit_1(tmp_path, write, message, capsys):
+def test_bad_model_files_are_one_line_and_exit_1(tmp_path, write, message, capsys):
     path = str(tmp_path / "model.pt")
     write(path)
     assert ev.main(refused_args(path, tmp_path)) == 1
@@ -353,12 +291,13 @@ def test_bad_checkpoints_are_one_line_and_exit_1(tmp_path, write, message, capsy
 
 
 def test_the_command_line_fails_in_one_line_without_a_traceback(tmp_path, monkeypatch, capsys):
-    missing = str(tmp_path / "none.pt")
+    missing = str(tmp_path / "none.model.pt")
     monkeypatch.setattr(sys, "argv", ["evaluate.py", missing, "--log-dir", str(tmp_path)])
-    with pytest.raises(SystemExit) as exit_info:  # as `python tools/evaluate.py none.pt` runs it
+    with pytest.raises(SystemExit) as exit_info:  # as `python tools/evaluate.py none.model.pt` runs it
         runpy.run_path(os.path.join(ROOT, "tools", "evaluate.py"), run_name="__main__")
     assert exit_info.value.code == 1
-    assert capsys.readouterr().err == f"evaluate: error: checkpoint {missing} does not exist\n"
+    assert capsys.readouterr().err == (f"evaluate: error: model file: cannot read {missing}: No such file or "
+                                       "directory\n")
 
 
 #############################################
@@ -366,41 +305,47 @@ def test_the_command_line_fails_in_one_line_without_a_traceback(tmp_path, monkey
 #############################################
 @pytest.fixture(scope="module")
 def trained(fake_cifar_root, tmp_path_factory):
-    """A tiny training run on the synthetic data that saves its model: -> (checkpoint path, its training log)."""
-    folder = tmp_path_factory.mktemp("trained")
-    path, log_dir = str(folder / "model.pt"), str(folder / "logs")
+    """A tiny training run on the synthetic data -> (its log path, its log); its model file is beside the log."""
+    log_dir = str(tmp_path_factory.mktemp("trained") / "logs")
     with contextlib.redirect_stdout(io.StringIO()):
         code = ab.main(["--preset", "recipe", "--device", "cpu", "--width", "8", "--batch-size", "40", "--epochs", "1",
                         "--check-first-epoch", "1", "--data-dir", fake_cifar_root, "--log-dir", log_dir,
-                        "--save-checkpoint", path, "--download", "false", "--projector-hidden-dim", "64"])
+                        "--download", "false", "--projector-hidden-dim", "64"])
     assert code == 0
     (log_path,) = glob.glob(os.path.join(log_dir, "*.json"))
-    return path, log_path
+    with open(log_path, encoding="utf-8") as f:
+        return log_path, json.load(f)
 
 
-def eval_args(checkpoint, root, log_dir, *extra):
-    return [checkpoint, "--data-dir", root, "--device", "cpu", "--log-dir", log_dir, "--lin-precomp-epochs", "3",
-            "--lin-augm-epochs", "1", "--lin-augm-batch-size", "100", *extra]
+def eval_args(model, root, log_dir, *extra):
+    return [model, "--data-dir", root, "--device", "cpu", "--log-dir", log_dir, "--lin-precomp-epochs", "3",
+            "--lin-augm-epochs", "1", "--lin-augm-batch-size", "100", "--download", "false", *extra]
 
 
 def test_evaluate_prints_the_table_and_logs_the_training_run(trained, fake_cifar_root, tmp_path, capsys):
-    checkpoint, train_log_path = trained
-    with open(train_log_path, encoding="utf-8") as f:
-        train_log = json.load(f)
+    log_path, train_log = trained
     log_dir = str(tmp_path / "eval")
-    assert ev.main(eval_args(checkpoint, fake_cifar_root, log_dir, "--train-log", train_log_path)) == 0
-    lines = capsys.readouterr().out.splitlines()
-    row = lines[lines.index(ev.TABLE_HEADER.splitlines()[0]) + 2].split("|")[1:-1]
+    assert ev.main(eval_args(log_path, fake_cifar_root, log_dir)) == 0
+    out = capsys.readouterr().out
+    assert "\r" not in out  # progress lines are for terminals only
+    lines = out.splitlines()
+    header = lines.index(ev.TABLE_HEADER.splitlines()[0])
+    row = lines[header + 2].split("|")[1:-1]
     assert row[:3] == ["resnet18 (width 8)", "40", f"{train_log['epochs'][-1]['loss']:.3f}"]
     # The evaluated model is the trained one, bit for bit: kNN agrees exactly with the training run's final eval.
     assert row[3:5] == [f"{train_log['final_eval']['knn5_pct']:.2f}", f"{train_log['final_eval']['knn10_pct']:.2f}"]
+    assert lines[header + 3].startswith("(accuracies in % of the 60 test images: kNN against the 200 train images, "
+                                        "readouts trained on the 200 train images")
 
-    (log_path,) = glob.glob(os.path.join(log_dir, "*.json"))
-    with open(log_path, encoding="utf-8") as f:
+    (eval_path,) = glob.glob(os.path.join(log_dir, "*.json"))
+    with open(eval_path, encoding="utf-8") as f:
         log = json.load(f)
-    assert (log["kind"], log["checkpoint"], log["checkpoint_run_id"]) == ("eval", checkpoint, train_log["run_id"])
-    assert train_log["run_id"] in os.path.basename(log_path)
+    assert (log["kind"], log["run_id"], log["train_log"]) == ("eval", train_log["run_id"], log_path)
+    assert {k: log["model"][k] for k in ("format", "sha256", "bytes")} == {
+        k: train_log["model"][k] for k in ("format", "sha256", "bytes")}
+    assert train_log["run_id"] in os.path.basename(eval_path)
     assert log["config"] == train_log["config"] and log["data"]["train_images"] == 200
+    assert (log["evaluation"]["train_images"], log["evaluation"]["test_images"]) == (200, 60)
     results = log["results"]
     assert (results["knn5_pct"], results["knn10_pct"]) == (train_log["final_eval"]["knn5_pct"],
                                                            train_log["final_eval"]["knn10_pct"])
@@ -408,29 +353,32 @@ def test_evaluate_prints_the_table_and_logs_the_training_run(trained, fake_cifar
     assert set(log["seconds"]) == {"features", "knn5", "knn10", "lin_precomp", "lin_augm", "data_load"}
     assert log["evaluation"]["readouts"]["lin_augm"] == dict(lr=0.1, epochs=1, batch_size=100, weight_decay=5e-6)
 
-    # A second evaluation, here of lin precomp alone, gets its own log; the first is left as it was, and each
-    # readout is seeded on its own, so lin precomp repeats exactly.
-    with open(log_path, "rb") as f:
+    # The model file alone, here for lin precomp alone, gets its own log; the first is left as it was, and each
+    # readout is seeded on its own, so lin precomp repeats exactly. Without the log, Batch and Loss are unknown.
+    with open(eval_path, "rb") as f:
         first = f.read()
-    assert ev.main(eval_args(checkpoint, fake_cifar_root, log_dir, "--evals", "lin_precomp")) == 0
+    model_path = os.path.join(os.path.dirname(log_path), train_log["model"]["file"])
+    assert ev.main(eval_args(model_path, fake_cifar_root, log_dir, "--evals", "lin_precomp")) == 0
+    row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|resnet18")][0].split("|")[1:-1]
+    assert row[:5] == ["resnet18 (width 8)", "-", "-", "-", "-"]
     logs = sorted(glob.glob(os.path.join(log_dir, "*.json")))
     assert len(logs) == 2
-    with open(log_path, "rb") as f:
+    with open(eval_path, "rb") as f:
         assert f.read() == first
-    with open(next(p for p in logs if p != log_path), encoding="utf-8") as f:
-        second = json.load(f)["results"]
-    assert second["lin_precomp_pct"] == results["lin_precomp_pct"] and second["knn5_pct"] is None
+    with open(next(p for p in logs if p != eval_path), encoding="utf-8") as f:
+        second = json.load(f)
+    assert second["results"]["lin_precomp_pct"] == results["lin_precomp_pct"] and second["results"]["knn5_pct"] is None
+    assert (second["run_id"], second["train_log"], second["config"]) == (train_log["run_id"], None, None)
 
 
-def test_a_training_log_of_another_run_is_refused(trained, fake_cifar_root, tmp_path, capsys):
-    checkpoint, train_log_path = trained
-    with open(train_log_path, encoding="utf-8") as f:
-        other = dict(json.load(f), run_id="20260101T000000Z_resnet18_seed1_000000")
-    (tmp_path / "other.json").write_text(json.dumps(other))
-    assert ev.main(eval_args(checkpoint, fake_cifar_root, str(tmp_path / "eval"), "--train-log",
-                             str(tmp_path / "other.json"))) == 1
+def test_a_log_whose_model_file_was_swapped_is_refused(trained, fake_cifar_root, tmp_path, capsys):
+    log_path, train_log = trained
+    torch.save(weights_file(), tmp_path / train_log["model"]["file"])  # another model under the run's file name
+    with open(tmp_path / "run.json", "w", encoding="utf-8") as f:
+        json.dump(train_log, f)
+    assert ev.main(eval_args(str(tmp_path / "run.json"), fake_cifar_root, str(tmp_path / "eval"))) == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "is of run '20260101T000000Z_resnet18_seed1_000000'" in err
+    assert err.count("\n") == 1 and "model file: " in err and "is not the file the run saved" in err
 
 
 def test_eval_log_names_are_never_reused(tmp_path, monkeypatch):

@@ -280,6 +280,17 @@ def test_extract_features_is_the_eval_mode_forward_and_leaves_the_model_as_it_wa
     assert all(m.training == was_training for m in backbone.modules())
 
 
+@pytest.mark.parametrize("tf32_before", [True, False])
+def test_features_are_computed_without_tf32_and_the_setting_is_restored(tf32_before, monkeypatch):
+    """GPUs convolve fp32 in TF32 by default (~1e-3 relative error): enough to move kNN by tenths of a point between
+    devices, so evaluation pins IEEE fp32 and a verifier anywhere recomputes the logged number."""
+    seen, backbone = [], ab.CifarResNet("resnet18", 4)
+    backbone.register_forward_pre_hook(lambda module, args: seen.append(torch.backends.cudnn.allow_tf32))
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", tf32_before)
+    ab.extract_features(backbone, torch.zeros(5, 3, 32, 32, dtype=torch.uint8), batch_size=2)
+    assert seen == [False, False, False] and torch.backends.cudnn.allow_tf32 is tf32_before
+
+
 #############################################
 #     Compiled path, rehearsed on CPU       #
 #############################################

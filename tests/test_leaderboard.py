@@ -5,6 +5,7 @@ import ast
 import copy
 import dataclasses
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -21,6 +22,8 @@ import numpy as np
 import pytest
 import scipy.stats
 import stats
+import torch
+import verify
 
 import airbench_ssl as ab
 
@@ -78,7 +81,9 @@ def make_log(seed: int = 0, gpu: str = "NVIDIA H200", epoch_seconds: float = 10.
     key = f"{seed} {gpu} {epoch_seconds} {accs} {world_size} {salt}"
     rng = random.Random(key)
     config = dict(dataclasses.asdict(ab.Config()), epochs=20, check_first_epoch=8, check_every_epochs=2,
-                  train_subset=0, target_pct=90.0, knn_k=10, seed=seed, device="auto", data_dir=f"/data/{seed}")
+                  train_subset=0, target_pct=90.0, knn_k=10, seed=seed, device="auto", data_dir=f"/data/{seed}",
+                  save_model="weights")
+    config.pop("save_checkpoint", None)  # the harness before saved models had it
     check_accs = dict(zip(CHECKS, accs))
     rows = []
     for epoch in range(1, CHECKS[len(accs) - 1] + 1):
@@ -87,9 +92,9 @@ def make_log(seed: int = 0, gpu: str = "NVIDIA H200", epoch_seconds: float = 10.
                      "epoch_seconds": epoch_seconds + 0.01 * seed + 1e-4 * rng.random(), "timed_seconds": 0.0,
                      "knn_pct": knn, "knn_seconds": 1.5 if knn is not None else None})
     argv = ["--seed", str(seed)]
+    run_id = f"20250101T000000Z_resnet18_seed{seed}_{hashlib.sha256(key.encode()).hexdigest()[:6]}"
     log = {
-        "format": "airbench-ssl-log/2", "kind": "train",
-        "run_id": f"20250101T000000Z_resnet18_seed{seed}_{hashlib.sha256(key.encode()).hexdigest()[:6]}",
+        "format": "airbench-ssl-log/2", "kind": "train", "run_id": run_id,
         "created_utc": "2025-01-01T00:00:00Z", "argv": argv,
         "launch": {"world_size": world_size, "command": ["airbench_ssl.py", *argv], "torchrun": world_size > 1},
         "config_sources": {"preset": "recipe", "config_file": None, "file_overrides": {}},
@@ -109,6 +114,8 @@ def make_log(seed: int = 0, gpu: str = "NVIDIA H200", epoch_seconds: float = 10.
         "untimed_seconds": {"data_load": 1.0, "warmup": 2.0, "knn_checks": 0.0, "final_eval": 3.0},
         "result": {"message": ""},
         "final_eval": {"knn5_pct": 90.3, "knn10_pct": accs[-1], "seconds": {"features": 1.0, "knn5": 0.1}},
+        "model": {"file": f"{run_id}.model.pt", "format": "weights", "sha256": hashlib.sha256(key.encode()).hexdigest(),
+                  "bytes": 44_700_000},
         "total_wall_seconds": 0.0,
     }
     return finish(log)
@@ -170,15 +177,23 @@ def add(cli, tmp_path: Path, logs: list[dict], name: str = "Baseline", folder: s
     return cli("add", *map(str, paths), "--name", name, "--date", date, "--description", description)
 
 
-def refused(board, tmp_path: Path, capsys, args: list[str]) -> str:
-    """Run `add` with args; assert it exits 1 with one stderr line and writes nothing; return that line."""
+def refused_lines(board, tmp_path: Path, capsys, args: list[str], command: str = "add") -> list[str]:
+    """Run `add` (or another command) with args; assert it exits 1 with stderr lines that each say why, and writes
+    nothing; return the lines."""
     _records, _leaderboard, cli = board
     before = snapshot(tmp_path)
     capsys.readouterr()
-    assert cli("add", *args) == 1
+    assert cli(command, *args) == 1
     err = capsys.readouterr().err.splitlines()
-    assert len(err) == 1 and err[0].startswith("leaderboard: refused: "), err
+    assert err and all(line.startswith("leaderboard: refused: ") and line.isprintable() for line in err), err
     assert snapshot(tmp_path) == before
+    return err
+
+
+def refused(board, tmp_path: Path, capsys, args: list[str]) -> str:
+    """Run `add` with args; assert it exits 1 with one stderr line and writes nothing; return that line."""
+    err = refused_lines(board, tmp_path, capsys, args)
+    assert len(err) == 1, err
     return err[0]
 
 
@@ -226,17 +241,22 @@ def test_valid_logs_become_a_record_and_render(board, tmp_path, capsys):
     assert meta["previous_record"] is None
     assert meta["time_mean_seconds"] == pytest.approx(np.mean(times))
     assert meta["time_std_seconds"] == pytest.approx(np.std(times, ddof=1))
-    assert meta["knn_mean_pct"] == pytest.approx(np.mean(accs))
-    assert meta["knn_std_pct"] == pytest.approx(np.std(accs, ddof=1))
-    p_value = scipy.stats.ttest_1samp(accs, 90.0, alternative="greater").pvalue
-    assert meta["p_value_knn_gt_target"] == pytest.approx(p_value)
+    # not verified: the accuracy the runs reported is kept apart, and no recomputed number is claimed
+    assert meta["verified"] is False and meta["verification"] is None
+    assert meta["knn_mean_pct"] is None and meta["p_value_knn_gt_target"] is None
+    assert meta["reported_knn_mean_pct"] == pytest.approx(np.mean(accs))
+    assert meta["reported_knn_std_pct"] == pytest.approx(np.std(accs, ddof=1))
     assert meta["code_sha256"] == hashlib.sha256(HARNESS_SOURCE.encode()).hexdigest()
+    assert meta["models"] == [dict(log=f"{log['run_id']}.json", **log["model"]) for log in logs]
 
     statistics = (folder / "statistics.md").read_text()
-    assert "First record on NVIDIA H200." in statistics and "H0: mean kNN accuracy at stop <= 90.0 %" in statistics
+    assert "First record on NVIDIA H200." in statistics and "Verified: **no**" in statistics
+    p_value = scipy.stats.ttest_1samp(accs, 90.0, alternative="greater").pvalue
+    assert "H0: mean kNN accuracy at stop (reported, not verified) <= 90.0 %" in statistics
+    assert f"p = {p_value:.2g}." in statistics
     text = leaderboard.read_text()
     assert "### NVIDIA H200" in text and "[2025-01-02_Baseline](records/2025-01-02_Baseline/)" in text
-    assert f"| 1 | 2 min 00.1 s ± 0.1 s | 3 | 90.13 ± 0.10 % | {p_value:.2g} | first try | 2025-01-02 |" in text
+    assert "| 1 | 2 min 00.1 s ± 0.1 s | 3 | unverified | – | not verified | first try | 2025-01-02 |" in text
     assert "No records yet." not in text
     capsys.readouterr()
     assert cli("check") == 0
@@ -272,7 +292,7 @@ def test_per_run_paths_may_differ_and_training_code_may_change(board, tmp_path):
     _records, _leaderboard, cli = board
     source = edit_function(HARNESS_SOURCE, "info_nce", "temperature = temperature * 1.0")
     logs = [with_source(make_log(seed), source) for seed in range(3)]
-    logs[2]["config"]["save_checkpoint"] = "ckpt.pt"  # a path-like field, not part of the recipe
+    logs[2]["config"]["save_model"] = logs[2]["model"]["format"] = "export"  # how it is saved, not the recipe
     logs[1]["config"]["download"] = False
     assert add(cli, tmp_path, logs) == 0
 
@@ -484,6 +504,16 @@ RULE_CASES = {
     "knn seconds not summed": (_shift("untimed_seconds.knn_checks", 3.0), "untimed seconds",
                                "untimed_seconds.knn_checks"),
     "extra untimed key": (_set("untimed_seconds.compile", 0.5), "untimed seconds", "untimed_seconds has"),
+    "no model saved": (_seq(_set("config.save_model", "false"), _set("model", None)), "model artefact",
+                       "config.save_model is 'false': a run that saves no model"),
+    "harness without artefacts": (_drop("config.save_model"), "model artefact", "config.save_model is None"),
+    "model not logged": (_set("model", None), "model artefact", "the log names no saved model"),
+    "model file of another run": (_set("model.file", "other.model.pt"), "model artefact",
+                                  "model.file 'other.model.pt' is not 20250101T"),
+    "model format not the config's": (_set("model.format", "export"), "model artefact",
+                                      "model.format 'export' is not config.save_model 'weights'"),
+    "model hash not a sha256": (_set("model.sha256", "Z" * 64), "model artefact", "model.sha256 'ZZZ"),
+    "empty model file": (_set("model.bytes", 0), "model artefact", "model.sha256"),
 }
 
 
@@ -633,9 +663,13 @@ def test_gpu_name_variants_share_one_table(board, tmp_path, capsys, variant):
     assert "faster records: not faster than 2025-01-02_Baseline" in line and "on NVIDIA H200" in line
 
 
-def test_confusable_gpu_name_is_refused(board, tmp_path, capsys):
+def test_confusable_gpu_name_is_refused_in_every_log(board, tmp_path, capsys):
     logs = [make_log(s, gpu=CONFUSABLE_H200) for s in range(3)]
-    assert "hardware: GPU name" in refused_logs(board, tmp_path, capsys, logs)
+    paths = write_logs(tmp_path / "bad", logs)
+    lines = refused_lines(board, tmp_path, capsys, [*map(str, paths), "--name", "X", "--description", "x"])
+    assert len(lines) == 3  # one line per log, each naming it
+    for line, log in zip(lines, logs):
+        assert f"{log['run_id']}.json: hardware: GPU name {CONFUSABLE_H200!r} is not a plain" in line
 
 
 def test_gpu_count_makes_its_own_table(board, tmp_path, capsys):
@@ -665,6 +699,7 @@ def test_long_gpu_name_shortened_by_nvidia_smi_is_recognised():
 def _renamed(log: dict, seed: int) -> dict:
     log = copy.deepcopy(log)
     log["run_id"] = log["run_id"] + "b"
+    log["model"].update(file=f"{log['run_id']}.model.pt", sha256=hashlib.sha256(log["run_id"].encode()).hexdigest())
     log["config"]["seed"] = seed
     _argv()(log)
     return log
@@ -695,12 +730,14 @@ def test_check_refuses_a_run_copied_into_another_record(board, tmp_path, capsys)
     assert add(cli, tmp_path, second, "Faster", "logs2", date="2025-01-03") == 0
     copied = copy.deepcopy(first[0])
     copied.update(run_id=second[2]["run_id"])
+    copied["model"]["file"] = f"{copied['run_id']}.model.pt"
     copied["config"]["seed"] = second[2]["config"]["seed"]
     _argv()(copied)
     (records / "2025-01-03_Faster" / f"{copied['run_id']}.json").write_text(json.dumps(copied))
     capsys.readouterr()
     assert cli("check") == 1
-    assert "one run, one record: 2025-01-03_Faster/" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "one run, one record: 2025-01-03_Faster/" in err and "(same model and epoch_seconds and losses)" in err
 
 
 def test_check_refuses_symlinks_unlisted_files_and_strays(board, tmp_path, capsys):
@@ -837,8 +874,10 @@ def test_training_changes_and_speed_switches_are_accepted(source):
 def test_pinned_evaluation_through_the_cli(board, tmp_path, capsys):
     _records, _leaderboard, cli = board
     edited = edit_function(HARNESS_SOURCE, "knn_predict", "k = k + 2")
-    line = refused_logs(board, tmp_path, capsys, [with_source(make_log(s), edited) for s in range(3)])
-    assert "pinned evaluation: differs from the canonical harness in knn_predict" in line
+    paths = write_logs(tmp_path / "bad", [with_source(make_log(s), edited) for s in range(3)])
+    lines = refused_lines(board, tmp_path, capsys, [*map(str, paths), "--name", "X", "--description", "x"])
+    assert len(lines) == 3 and all("pinned evaluation: differs from the canonical harness in knn_predict" in line
+                                   for line in lines)
     training = edit_function(HARNESS_SOURCE, "info_nce", "temperature = temperature * 1.0")
     assert add(cli, tmp_path, [with_source(make_log(s), training) for s in range(3)], "Trained") == 0
 
@@ -899,8 +938,8 @@ def test_oversized_log_is_refused_before_reading(board, tmp_path, capsys):
     path.parent.mkdir()
     with open(path, "wb") as f:
         f.truncate(lb.MAX_LOG_BYTES + 1)  # sparse: no 64 MiB written
-    line = refused(board, tmp_path, capsys, [str(path)] * 3 + ["--name", "X", "--description", "x"])
-    assert f"log file: is {lb.MAX_LOG_BYTES + 1} bytes, over the {lb.MAX_LOG_BYTES}-byte limit" in line
+    lines = refused_lines(board, tmp_path, capsys, [str(path)] * 3 + ["--name", "X", "--description", "x"])
+    assert f"log file: is {lb.MAX_LOG_BYTES + 1} bytes, over the {lb.MAX_LOG_BYTES}-byte limit" in lines[0]
 
 
 def test_huge_epoch_count_is_validated_without_materialising_the_schedule():
@@ -932,7 +971,8 @@ def test_unsafe_description_is_refused(board, tmp_path, capsys, description, rea
                                                       ("Ok", "20250102", "--date '20250102'")])
 def test_bad_name_or_date_is_refused(board, tmp_path, capsys, name, date, reason):
     paths = write_logs(tmp_path / "logs", [make_log(seed) for seed in range(3)])
-    assert reason in refused(board, tmp_path, capsys, [*map(str, paths), "--name", name, "--date", date])
+    assert reason in refused(board, tmp_path, capsys, [*map(str, paths), "--name", name, "--date", date,
+                                                       "--description", "x"])
 
 
 def test_log_file_name_must_be_its_run_id(board, tmp_path, capsys):
@@ -944,20 +984,20 @@ def test_log_file_name_must_be_its_run_id(board, tmp_path, capsys):
     assert "\\n" in line and "log file: the file is named 'odd\\nname.json'" in line
 
 
-def test_legacy_description_with_control_characters_renders_and_checks(board, tmp_path, capsys):
-    """A record written before descriptions were checked (or edited by hand) must not break leaderboard.md nor make
-    `check` fail forever: render makes the text one safe cell."""
+def test_hand_edited_description_fails_check_in_one_escaped_line(board, tmp_path, capsys):
+    """check applies add's rule to a description edited into record.json; render refuses to publish it."""
     records, leaderboard, cli = board
     assert add(cli, tmp_path, [make_log(s) for s in range(3)]) == 0
     meta_path = records / "2025-01-02_Baseline" / "record.json"
     meta = json.loads(meta_path.read_text())
     meta["description"] = "two\r\nlines | and a pipe"
     meta_path.write_text(json.dumps(meta, indent=2) + "\n")
-    assert cli("render") == 0
-    text = leaderboard.read_bytes().decode()
-    assert "\r" not in text and "| two lines \\| and a pipe |" in text
+    before = snapshot(tmp_path)
     capsys.readouterr()
-    assert cli("check") == 0, capsys.readouterr().err
+    assert cli("check") == 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "record.json: description 'two\\r\\nlines | and a pipe': one line of" in err[0]
+    assert cli("render") == 1 and snapshot(tmp_path) == before
 
 
 ########################################
@@ -1116,6 +1156,7 @@ def test_check_fails_on_edited_generated_file(board, tmp_path, capsys, file_name
     capsys.readouterr()
     assert cli("check") == 1
     assert f"{path} does not match its logs" in capsys.readouterr().err
+    assert cli("render") == 0 and path.read_text() == text and cli("check") == 0  # render rewrites it
 
 
 ########################################
@@ -1199,3 +1240,491 @@ def test_fewer_than_two_samples_raise(call):
 def test_description_cell_escapes_everything_markdown_would_misread():
     assert lb.markdown_cell("a|b\\c\r\nd\tnaïve  e") == "a\\|b\\\\c d na ve e"
     assert lb.markdown_cell("plain text") == "plain text"
+
+
+########################################
+#  7. Every rule a log breaks is listed, and the CLI says what it needs
+
+def _breaks_three_rules(log: dict) -> None:
+    _files(lambda name, md5: "0" * 32)(log)
+    log["config"]["train_subset"] = 5000
+    log["environment"]["device"] = "cpu"
+
+
+def test_every_broken_rule_of_every_log_is_listed(board, tmp_path, capsys):
+    log = make_log(0)
+    _breaks_three_rules(log)
+    with pytest.raises(lb.Refused) as refusal:
+        lb.validate_log(log)
+    assert [line.split(": ")[1] for line in refusal.value.lines()] == ["official data", "race settings", "gpu run"]
+    logs = [log, make_log(1), make_log(2)]
+    logs[2]["eligible"] = False
+    paths = write_logs(tmp_path / "bad", logs)
+    lines = refused_lines(board, tmp_path, capsys, [*map(str, paths), "--name", "X", "--description", "x"])
+    assert [(Path(line.split(": ")[2]).name, line.split(": ")[3]) for line in lines] == [
+        (paths[0].name, "official data"), (paths[0].name, "race settings"), (paths[0].name, "gpu run"),
+        (paths[2].name, "self-declared eligibility")]
+
+
+def test_add_help_says_the_description_is_required(capsys):
+    with pytest.raises(SystemExit) as done:
+        lb.main(["add", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert done.value.code == 0 and "--name NAME --description DESCRIPTION" in help_text  # no [brackets]: required
+    assert "--description DESCRIPTION required:" in help_text
+    with pytest.raises(SystemExit) as done:
+        lb.main(["add", "a.json", "--name", "X"])
+    err = capsys.readouterr().err.splitlines()
+    assert done.value.code == 2 and len(err) == 1 and "the following arguments are required: --description" in err[0]
+
+
+def test_printed_text_is_one_line(board, tmp_path, capsys):
+    assert lb.one_line("a\nb\r\x1b[2Jc\u2028d") == "a\\nb\\r\\x1b[2Jc\\u2028d" and lb.one_line("plain é") == "plain é"
+    records, _leaderboard, cli = board
+    (records / "stray\nname").write_text("x")
+    capsys.readouterr()
+    assert cli("check") == 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "stray\\nname is not a record folder" in err[0]
+
+
+########################################
+#  8. Config fields an entry adds are flags as the harness makes them
+
+def test_flags_of_fields_an_entry_added_are_accepted():
+    log = make_log(0)
+    log["config"].update(ema_decay=0.995, lrScale2=2.0, use_ema=True)  # fields of the entry's own Config
+    _argv("--ema-decay", "0.995", "--lrScale2=2", "--use-ema", "yes", "--seed", "0")(log)
+    lb.validate_log(log)
+    for lie, reason in ((("--ema-decay", "0.9"), "argv sets --ema-decay '0.9' but config.ema_decay is 0.995"),
+                        (("--ema_decay", "0.995"), "argv item '--ema_decay' is not a --field flag")):
+        _argv(*lie)(log)
+        with pytest.raises(lb.Refused, match=re.escape(reason)):
+            lb.validate_log(log)
+
+
+########################################
+#  9. Near-duplicates: one run under a new id, seed and times
+
+def _near_copy(log: dict, seed: int, loss_shift: float) -> dict:
+    copied = _renamed(log, seed)
+    for row in copied["epochs"]:
+        row["epoch_seconds"] += 0.05  # other times, so only the losses can tell
+        row["loss"] += loss_shift
+    return finish(copied)
+
+
+@pytest.mark.parametrize(("shift", "same"), [(4e-5, True), (-9e-5, True), (1e-3, False)])
+def test_losses_within_rounding_are_one_run(board, tmp_path, capsys, shift, same):
+    _records, _leaderboard, cli = board
+    logs = [make_log(0), make_log(1)]
+    logs.append(_near_copy(logs[1], 2, shift))
+    if same:
+        line = refused_logs(board, tmp_path, capsys, logs)
+        assert "distinct runs:" in line and "is the same run as" in line and "(same losses)" in line
+    else:
+        assert add(cli, tmp_path, logs) == 0
+
+
+def test_a_near_copy_of_a_recorded_run_is_refused(board, tmp_path, capsys):
+    _records, _leaderboard, cli = board
+    first = [make_log(s) for s in range(3)]
+    assert add(cli, tmp_path, first) == 0
+    picked = [_near_copy(first[0], 10, 3e-5), make_log(11, epoch_seconds=8.0), make_log(12, epoch_seconds=8.0)]
+    assert "one run, one record: this is the same run as 2025-01-02_Baseline/" in refused_logs(
+        board, tmp_path, capsys, picked)
+
+
+########################################
+#  10. Dates: check applies add's rules, so one edited folder cannot freeze a table
+
+def _move_record(records: Path, old: str, date: str) -> Path:
+    name = old.split("_", 1)[1]
+    folder = records / f"{date}_{name}"
+    (records / old).rename(folder)
+    meta = json.loads((folder / "record.json").read_text())
+    meta["date"] = date
+    (folder / "record.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return folder
+
+
+@pytest.mark.parametrize(("date", "reason"), [
+    ("2099-01-01", "date 2099-01-01 is in the future"),
+    ("2024-12-31", "record date 2024-12-31 is before run"),
+    ("2025-02-30", "date '2025-02-30' is not a real date"),
+])
+def test_check_fails_on_a_record_dated_in_the_future_or_before_its_runs(board, tmp_path, capsys, date, reason):
+    records, _leaderboard, cli = board
+    assert add(cli, tmp_path, [make_log(s) for s in range(3)]) == 0
+    _move_record(records, "2025-01-02_Baseline", date)
+    assert cli("render") == 1  # nothing publishes it
+    capsys.readouterr()
+    assert cli("check") == 1
+    assert reason in capsys.readouterr().err
+    faster = write_logs(tmp_path / "logs2", [make_log(s, epoch_seconds=8.0) for s in range(10, 13)])
+    assert "an existing record no longer validates" in refused(
+        board, tmp_path, capsys, [*map(str, faster), "--name", "Faster", "--date", "2025-01-03", "--description", "x"])
+
+
+def test_a_real_date_that_is_not_a_day_fails_check():
+    run = lb.validate_log(make_log(0))
+    today = lb.today_utc()
+    assert lb.date_problems("2025-02-30", [run], today) == ["date '2025-02-30' is not a real date as YYYY-MM-DD"]
+    assert lb.date_problems("2025-01-01", [run], today) == []  # the day its runs were made
+
+
+def test_a_record_dated_the_day_of_its_runs_is_added(board, tmp_path):
+    _records, _leaderboard, cli = board
+    assert add(cli, tmp_path, [make_log(s) for s in range(3)], date="2025-01-01") == 0  # runs made 2025-01-01
+    assert cli("check") == 0
+
+
+########################################
+#  11. The static check: scope-aware, never a RecursionError, linear on hostile text
+
+HONEST_SOURCES = {
+    "local variable named like a module": "\ndef helper(x):\n    F = x.features\n    F.weight = 3\n"
+                                          "    time = {}\n    time['start'] = 0\n    return F\n",
+    "sort on a call result": "\ndef order(n):\n    values = torch.randperm(n).sort()\n    torch.zeros(3)[0] = 1\n"
+                             "    return values\n",
+    "an object's own __dict__": "\nclass Box:\n    def __init__(self, **kw):\n        self.__dict__.update(kw)\n",
+    "a parameter named eval": "\ndef step(model, eval=False):\n    return eval\n",
+    "comprehension variable named like a module": "\nnames = [F for F in ('a', 'b')]\n",
+    "deep expression in training code": "\ndef lr_sum():\n    return " + "1 + " * 2000 + "1\n",
+}
+PATCHING_SOURCES = {
+    "module alias": ("\nG = F\nG.normalize = lambda x, dim: x\n", "patches torch.nn.functional.normalize"),
+    "alias of an alias": ("\nG = F\nH = G\nH.normalize = None\n", "patches torch.nn.functional.normalize"),
+    "alias in a function": ("\ndef cheat():\n    g = F\n    g.normalize = None\n",
+                            "patches torch.nn.functional.normalize"),
+    "import in a function": ("\ndef cheat():\n    import torch.nn.functional as G\n    G.normalize = None\n",
+                             "patches torch.nn.functional.normalize"),
+    "alias as a default": ("\ndef cheat(m=F):\n    m.normalize = None\n", "patches torch.nn.functional.normalize"),
+    "alias made global": ("\ndef a():\n    global g\n    g = torch.Tensor\n\ndef b():\n    g.topk = None\n",
+                          "patches torch.Tensor.topk"),
+    "setattr on an alias": ("\nm = F\nsetattr(m, 'normalize', None)\n", "patches torch.nn.functional.normalize"),
+    "a module's namespace": ("\nvars(F)['normalize'] = None\n", "patches torch.nn.functional.__dict__"),
+    "sys.modules": ("\nsys.modules['torch'].topk = None\n", "uses sys.modules"),
+    "pinned object in a function": ("\ndef cheat():\n    OFFICIAL_MD5.clear()\n", "modifies the pinned OFFICIAL_MD5"),
+    "module namespace by locals()": ("\nlocals()['knn_predict'] = None\n", "uses locals()"),
+}
+
+
+@pytest.mark.parametrize("case", HONEST_SOURCES)
+def test_the_static_check_accepts_honest_code(case):
+    assert lb.pinning_problems(lb.canonical_source(), HARNESS_SOURCE + HONEST_SOURCES[case]) == ()
+
+
+@pytest.mark.parametrize("case", PATCHING_SOURCES)
+def test_the_static_check_refuses_patches_through_any_alias(case):
+    extra, reason = PATCHING_SOURCES[case]
+    problems = lb.pinning_problems(lb.canonical_source(), HARNESS_SOURCE + extra)
+    assert any(reason in p for p in problems), problems
+
+
+def test_any_source_python_parses_is_analysed_without_recursion_error():
+    """ast.dump and copy.deepcopy recurse; a long sum Python still parses nests deeper than they can go."""
+    for depth in (500, 2000):
+        try:
+            ast.parse("x = " + "1 + " * depth + "1\n")
+        except RecursionError:
+            continue  # this Python cannot parse it: then the rule refuses it as unparsable
+        deep = "1 + " * depth + "1"
+        assert lb.pinning_problems(lb.canonical_source(), HARNESS_SOURCE + f"\nx = {deep}\n") == ()
+        rebound = lb.pinning_problems(lb.canonical_source(), HARNESS_SOURCE + f"\nOFFICIAL_MD5 = {deep}\n")
+        assert rebound == ("differs from the canonical harness in OFFICIAL_MD5",)
+    log = with_source(make_log(0), "x = " + "(" * 5000 + ")" * 5000 + "\n")
+    with pytest.raises(lb.Refused, match="pinned evaluation: code.source cannot be parsed as Python"):
+        lb.validate_log(log)
+
+
+N = 100_000
+HOSTILE_SMI = {  # text -> the GPU rows in it
+    "|   0  NVIDIA H200" + " " * N + "x |": [],  # the old regex backtracked over these spaces once per position
+    "|   0  NVIDIA H200" + " " * N + "On |": ["NVIDIA H200"],
+    "|   0  " + "a " * (N // 2) + "Off |": ["a " * (N // 2 - 1) + "a"],
+    "|" + " 0" * (N // 2): [],
+    ("|   0  " + " " * 1000 + "\n") * 100: [],
+    "Driver Version:" + " " * N: [],
+}
+
+
+@pytest.mark.parametrize("smi", HOSTILE_SMI, ids=range(len(HOSTILE_SMI)))
+def test_hostile_nvidia_smi_text_is_read_in_one_pass(smi):
+    assert lb.smi_gpu_names(smi) == HOSTILE_SMI[smi]
+    log = make_log(0)
+    log["environment"]["nvidia_smi"] = smi
+    with pytest.raises(lb.Refused, match="^hardware: "):
+        lb.validate_log(log)
+
+
+@pytest.mark.parametrize(("path", "value", "rule"), [
+    ("argv", ["--" + "a" * N + "!", "1"], "argv"),
+    ("argv", ["--seed", "0", "--" + "a-" * (N // 2) + "=1"], "argv"),
+    ("environment.gpu_name", " " * N + "!", "hardware"),
+    ("run_id", "a" * N, "log schema"),
+    ("created_utc", "2025" * N, "log schema"),
+    ("environment.torch", "2." * N, "log schema"),
+])
+def test_hostile_fields_are_refused_in_one_line(path, value, rule):
+    log = make_log(0)
+    obj, key = _resolve(log, path)
+    obj[key] = value
+    with pytest.raises(lb.Refused) as refusal:
+        lb.validate_log(log)
+    assert str(refusal.value).startswith(f"{rule}: ") and all(len(line) < 1000 and line.isprintable()
+                                                              for line in refusal.value.lines())
+
+
+########################################
+#  12. Records proven by recomputation: verify, add --models, the FLOP floor, reproduce
+
+DEVICE = "NVIDIA H100 80GB HBM3"
+
+
+@pytest.fixture(scope="module")
+def resnet18_flops():
+    """The FLOP count verify's floor uses for a real ResNet18 (counted once: the counter takes ~1 s per call here)."""
+    backbone = ab.CifarResNet("resnet18", 64)
+    return backbone, verify.forward_flops(backbone, 32)
+
+
+@pytest.fixture
+def recompute(monkeypatch, resnet18_flops):
+    """verify's recomputation without the CIFAR-10 files or the saved models: the FLOP floor is verify's own
+    check_time_floor on a real ResNet18; the recomputed accuracy is the logged one plus `shift`, refused beyond
+    verify's tolerance as verify refuses it. Call it to change shift or the batch deviation."""
+    backbone, flops = resnet18_flops
+    real_verify_run = verify.verify_run
+    monkeypatch.setattr(verify, "forward_flops", lambda module, px: flops * px * px // 1024)
+    monkeypatch.setattr(verify, "load_data", lambda data_dir, device: {"data_dir": data_dir})
+
+    def use(shift: float = 0.03, deviation: float = 2e-7) -> None:
+        def verify_run(log, **kwargs):
+            inspect.signature(real_verify_run).bind(log, **kwargs)  # called as the real one can be
+            assert kwargs["require_official"] and kwargs["data"] == {"data_dir": "cifar"} and kwargs["models_dir"]
+            floor = verify.check_time_floor(log, backbone)
+            logged = log["result"]["knn_at_stop_pct"]
+            if abs(shift) > verify.ACCURACY_TOLERANCE_PCT:
+                raise verify.VerifyError("accuracy", f"result.knn_at_stop_pct says {logged:.2f}%, the saved model "
+                                                     f"gives {logged + shift:.2f}%")
+            return verify.Verification(
+                run_id=log["run_id"], model_file=log["model"]["file"], model_format="weights",
+                model_sha256=log["model"]["sha256"], device=DEVICE, torch_version="2.11.0+cu128", official_data=True,
+                knn_k=10, train_images=50_000, test_images=10_000, logged_knn_pct=logged,
+                recomputed_knn_pct=logged + shift, recomputed_final_eval={"knn5_pct": 90.0, "knn10_pct": logged},
+                numerics="fp32", tolerance_pct=verify.ACCURACY_TOLERANCE_PCT,
+                batch_check=verify.BatchCheck(deviation, 11_000, 64),
+                time_floor=floor, seconds=1.0)
+        monkeypatch.setattr(verify, "verify_run", verify_run)
+    use()
+    return use
+
+
+def add_verified(cli, tmp_path: Path, logs: list[dict], name: str = "Baseline", folder: str = "logs",
+                 date: str = "2025-01-02") -> int:
+    paths = write_logs(tmp_path / folder, logs)
+    return cli("add", *map(str, paths), "--name", name, "--date", date, "--description", "verified",
+               "--models", str(tmp_path / "models"), "--data-dir", "cifar")
+
+
+def test_a_verified_record_states_the_recomputed_numbers_everywhere(board, tmp_path, capsys, recompute,
+                                                                    resnet18_flops):
+    records, leaderboard, cli = board
+    accs = [90.1, 90.25, 90.05]
+    logs = [make_log(seed, accs=(88.5, 89.6, acc)) for seed, acc in zip(range(3), accs)]
+    assert add_verified(cli, tmp_path, logs) == 0
+    assert "verified on NVIDIA H100 80GB HBM3" in capsys.readouterr().out
+    folder = records / "2025-01-02_Baseline"
+    meta = json.loads((folder / "record.json").read_text())
+    recomputed = [a + 0.03 for a in accs]
+    assert meta["verified"] is True and meta["knn_mean_pct"] == pytest.approx(np.mean(recomputed))
+    assert meta["p_value_knn_gt_target"] == pytest.approx(
+        scipy.stats.ttest_1samp(recomputed, 90.0, alternative="greater").pvalue)
+    assert meta["reported_knn_mean_pct"] == pytest.approx(np.mean(accs))
+    verification = meta["verification"]
+    assert verification["device"] == DEVICE and verification["torch"] == "2.11.0+cu128"
+    assert verification["tolerance_pct"] == verify.ACCURACY_TOLERANCE_PCT
+    # the floor, from the FLOP count of a ResNet18 (FlopCounterMode: 2 per multiply-add) and the H200's peak
+    flops = resnet18_flops[1]
+    with torch.utils.flop_counter.FlopCounterMode(display=False) as counter:
+        resnet18_flops[0].eval()(torch.zeros(1, 3, 32, 32))
+    assert flops == counter.get_total_flops() and 1.0e9 < flops < 1.2e9  # ResNet18 at 32 px: ~0.56 G multiply-adds
+    floor = 50_000 * 2 * 3 * flops / 1979e12
+    for log, entry, acc in zip(logs, verification["runs"], recomputed):
+        assert entry["log"] == f"{log['run_id']}.json" and entry["model_sha256"] == log["model"]["sha256"]
+        assert entry["recomputed_knn_pct"] == pytest.approx(acc) and entry["difference_pct"] == pytest.approx(0.03)
+        assert entry["batch_max_deviation"] == 2e-7
+        seconds = [row["epoch_seconds"] for row in log["epochs"]]
+        assert entry["time_floor"]["epoch_floor_seconds"] == {"32": pytest.approx(floor)}
+        assert entry["time_floor"]["margin"] == pytest.approx(min(seconds) / floor)
+        assert entry["time_floor"]["fastest_epoch"] == 1 + seconds.index(min(seconds))
+    statistics = (folder / "statistics.md").read_text()
+    assert "- Verified: yes" in statistics and "kNN at stop, recomputed (%) | 90.163 | 0.104 | 3 |" in statistics
+    text = leaderboard.read_text()
+    p = scipy.stats.ttest_1samp(recomputed, 90.0, alternative="greater").pvalue
+    assert f"| 1 | 2 min 00.1 s ± 0.1 s | 3 | 90.16 ± 0.10 % | {p:.2g} | {DEVICE} | verified | 2025-01-02 |" in text
+    capsys.readouterr()
+    assert cli("check") == 0
+
+
+def test_the_flop_floor_refuses_an_impossible_time_and_accepts_a_plausible_one(board, tmp_path, capsys, recompute):
+    """A ResNet18 epoch on an H200 needs >= 0.17 s of FLOPs at the chip's peak: 0.05 s is refused, 10 s passes."""
+    _records, _leaderboard, cli = board
+    impossible = [make_log(s, epoch_seconds=0.05) for s in range(3)]
+    paths = write_logs(tmp_path / "fast", impossible)
+    lines = refused_lines(board, tmp_path, capsys, [*map(str, paths), "--name", "Fast", "--description", "x",
+                                                    "--models", "models", "--data-dir", "cifar"])
+    assert len(lines) == 3 and all(": verify: time floor: epoch" in line and "physically impossible" in line
+                                   for line in lines)
+    assert add_verified(cli, tmp_path, [make_log(s, epoch_seconds=10.0) for s in range(3)]) == 0
+
+
+def test_add_with_models_runs_verify_itself(board, tmp_path, capsys, fake_cifar_root, one_compute_thread):
+    """The real path, nothing replaced: the harness saves each run's model, `add --models` has verify load it, check
+    its sha256 and the FLOP floor, then the data. An epoch of 5 ms is impossible for a width-16 ResNet18 at the
+    H200's peak (~10 ms of FLOPs): refused; 10 s epochs pass the floor and reach the data check, which the synthetic
+    CIFAR-10 fails (the logs claim the official files). Nothing is written."""
+    logs = [make_log(0, epoch_seconds=0.005), make_log(1), make_log(2)]
+    models = tmp_path / "models"
+    models.mkdir()
+    for log in logs:
+        log["config"]["width"] = 16
+        log["model"] = ab.save_backbone(ab.CifarResNet("resnet18", 16), ab.Config(width=16),
+                                        str(models / f"{log['run_id']}.model.pt"))
+    paths = write_logs(tmp_path / "logs", logs)
+    _records, _leaderboard, cli = board
+    before = snapshot(tmp_path)
+    capsys.readouterr()
+    assert cli("add", *map(str, paths), "--name", "Real", "--description", "x", "--models", str(models),
+               "--data-dir", fake_cifar_root, "--device", "cpu") == 1
+    assert snapshot(tmp_path) == before
+    # the harness's loader warns about the synthetic data on its own line first
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("leaderboard: ")]
+    assert len(lines) == 3 and all(line.startswith("leaderboard: refused: ") for line in lines)
+    assert f"{logs[0]['run_id']}.json: verify: time floor: epoch " in lines[0] and "impossible" in lines[0]
+    assert all(": verify: data: " in line for line in lines[1:])
+
+
+def test_the_floor_of_a_low_resolution_epoch_scales_with_its_pixels(board, tmp_path, capsys, recompute):
+    """16 px views cost a quarter of 32 px ones: a 0.1 s epoch is possible at 16 px (floor ~0.04 s), not at 32 px
+    (~0.17 s), both for add (verify's floor) and for check (the stored count)."""
+    records, _leaderboard, cli = board
+
+    def low_res(seed: int, epochs: int) -> dict:
+        log = make_log(seed)
+        log["config"].update(low_res_px=16, low_res_epochs=epochs)
+        for row in log["epochs"][:4]:
+            row["epoch_seconds"] = 0.1
+        return finish(log)
+
+    paths = write_logs(tmp_path / "full", [low_res(s, 0) for s in range(3)])
+    lines = refused_lines(board, tmp_path, capsys, [*map(str, paths), "--name", "X", "--description", "x",
+                                                    "--models", "m", "--data-dir", "cifar"])
+    assert len(lines) == 3 and all("time floor: epoch 1 took 0.1 s" in line for line in lines)
+    assert add_verified(cli, tmp_path, [low_res(s, 4) for s in range(3)]) == 0
+    meta = json.loads((records / "2025-01-02_Baseline" / "record.json").read_text())
+    floors = meta["verification"]["runs"][0]["time_floor"]["epoch_floor_seconds"]
+    assert floors["16"] == pytest.approx(floors["32"] / 4) and 0.04 < floors["16"] < 0.1 < floors["32"]
+    assert cli("check") == 0
+    for name in meta["logs"]:  # epoch 4 now claimed at 32 px: below its floor
+        path = records / "2025-01-02_Baseline" / name
+        path.write_text(path.read_text().replace('"low_res_epochs": 4', '"low_res_epochs": 3'))
+    capsys.readouterr()
+    assert cli("check") == 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 3 and all("time floor of" in line and "epoch 4 took 0.1 s" in line for line in err)
+
+
+def _edit_verification(records: Path, edit) -> None:
+    path = records / "2025-01-02_Baseline" / "record.json"
+    meta = json.loads(path.read_text())
+    edit(meta["verification"])
+    path.write_text(json.dumps(meta, indent=2) + "\n")
+
+
+@pytest.mark.parametrize(("edit", "reason"), [
+    (lambda v: v["runs"][0]["time_floor"].update(forward_flops_32px=10**14),
+     "time floor of 20250101T000000Z_resnet18_seed0"),  # a floor above the logged epochs: physically impossible
+    (lambda v: v["runs"][1]["time_floor"].update(peak_tflops=1.0), "the GPU peak table or the run changed"),
+    (lambda v: v["runs"][2].update(recomputed_knn_pct=91.0), "the saved model gives 91.0 %"),
+    (lambda v: v["runs"][0].update(model_sha256="0" * 64), "is not the logged model's"),
+    (lambda v: v["runs"][0].update(batch_max_deviation=0.5), "features depend on the batch"),
+    (lambda v: v.update(tolerance_pct=5.0), "tolerances 5.0 points"),
+    (lambda v: v["runs"].pop(), "not the record's logs"),
+    (lambda v: v.pop("device"), "verification: missing field device"),
+])
+def test_check_applies_the_verification_rules(board, tmp_path, capsys, recompute, edit, reason):
+    records, _leaderboard, cli = board
+    assert add_verified(cli, tmp_path, [make_log(s) for s in range(3)]) == 0
+    _edit_verification(records, edit)
+    capsys.readouterr()
+    assert cli("check") == 1
+    err = capsys.readouterr().err
+    assert reason in err and "physically impossible" in err if "floor" in reason else reason in err
+
+
+def test_an_unverified_record_is_verified_later(board, tmp_path, capsys, recompute):
+    """`add` without models stages a record marked unverified; `verify` recomputes it and rewrites its files; a
+    verification that fails writes nothing."""
+    records, leaderboard, cli = board
+    assert add(cli, tmp_path, [make_log(s) for s in range(3)]) == 0
+    folder = records / "2025-01-02_Baseline"
+    recompute(shift=0.5)
+    lines = refused_lines(board, tmp_path, capsys, [str(folder), "--models", "m", "--data-dir", "cifar"], "verify")
+    assert len(lines) == 3 and all("verify: accuracy: result.knn_at_stop_pct says" in line for line in lines)
+    recompute(shift=-0.02)
+    capsys.readouterr()
+    assert cli("verify", str(folder), "--models", "m", "--data-dir", "cifar") == 0
+    out = capsys.readouterr().out
+    assert f"verified {folder} on {DEVICE}" in out and "recomputed 90.08 %, logged 90.10 %" in out
+    meta = json.loads((folder / "record.json").read_text())
+    assert meta["verified"] and meta["knn_mean_pct"] == pytest.approx(90.08)
+    assert "| 90.08 ± 0.00 % | 0 | NVIDIA H100 80GB HBM3 |" in leaderboard.read_text()
+    assert not list(records.glob(".*")) and cli("check") == 0
+
+
+@pytest.mark.parametrize("victim", [".staging-Baseline-record.json", ".staging-Baseline-statistics.md",
+                                    ".leaderboard.md"])
+def test_verify_whose_write_dies_half_way_leaves_the_previous_state(board, tmp_path, capsys, recompute, monkeypatch,
+                                                                    victim):
+    records, _leaderboard, cli = board
+    assert add(cli, tmp_path, [make_log(s) for s in range(3)]) == 0
+    before = snapshot(tmp_path)
+    monkeypatch.setattr(lb, "write_synced", _dies_half_way(lb.write_synced, victim))
+    assert cli("verify", str(records / "2025-01-02_Baseline"), "--models", "m", "--data-dir", "cifar") == 1
+    assert "disk full" in capsys.readouterr().err and snapshot(tmp_path) == before
+
+
+def test_a_verify_cut_between_its_renames_is_reported_and_repaired(board, tmp_path, capsys, recompute, monkeypatch):
+    records, leaderboard, cli = board
+    assert add(cli, tmp_path, [make_log(s) for s in range(3)]) == 0
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if Path(dst).name == "statistics.md":
+            raise OSError("power cut")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(lb.os, "replace", replace)
+    assert cli("verify", str(records / "2025-01-02_Baseline"), "--models", "m", "--data-dir", "cifar") == 1
+    monkeypatch.undo()
+    assert json.loads((records / "2025-01-02_Baseline" / "record.json").read_text())["verified"] is True
+    assert not list(records.glob(".*")) and not list(tmp_path.glob(".leaderboard.md.*"))
+    capsys.readouterr()
+    assert cli("check") == 1 and "statistics.md does not match" in capsys.readouterr().err
+    assert cli("render") == 0 and cli("check") == 0 and "| NVIDIA H100 80GB HBM3 |" in leaderboard.read_text()
+
+
+def test_reproduce_dry_run_runs_the_records_logged_source(board, tmp_path, capsys, fake_cifar_root, monkeypatch):
+    records, _leaderboard, cli = board
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the harness's run: a second thread only spins on a busy machine
+    assert add(cli, tmp_path, [make_log(s) for s in range(3)]) == 0
+    out = tmp_path / "again"
+    capsys.readouterr()
+    assert cli("reproduce", str(records / "2025-01-02_Baseline"), "--dry-run", "--folder", str(out),
+               "--data-dir", fake_cifar_root) == 0, capsys.readouterr().err
+    lines = capsys.readouterr().out.splitlines()
+    assert "the logged source runs" in lines[-1] and "--seed 3" in lines[0] and "--device cpu" in lines[0]
+    assert (out / "airbench_ssl.py").read_text() == HARNESS_SOURCE
+    assert cli("check") == 0  # the record is untouched

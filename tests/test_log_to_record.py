@@ -7,6 +7,7 @@ seconds and result. The log must pass, and fail after any single cross-checked f
 """
 
 import copy
+import hashlib
 import json
 import os
 import subprocess
@@ -95,6 +96,10 @@ TAMPERING = [
     ("environment.driver", lambda v: "999.0", "hardware"),
     ("ineligible_reasons", lambda v: ["not run on a GPU"], "self-declared eligibility"),
     ("format", lambda v: "airbench-ssl-log/1", "schema"),
+    ("model.file", lambda v: "other_" + v, "model artefact"),
+    ("model.format", lambda v: "export", "model artefact"),
+    ("model", lambda v: None, "model artefact"),
+    ("config.save_model", lambda v: "false", "model artefact"),
 ]
 
 
@@ -104,6 +109,15 @@ def test_tampering_with_any_cross_checked_field_is_refused(harness_log, field, c
     set_path(log, field, change)
     with pytest.raises(lb.Refused, match=rule):
         lb.validate_log(log)
+
+
+def test_the_logged_model_is_the_file_the_harness_saved(harness_log):
+    """What a record keeps of the model, its sha256 and size, is that of the file beside the log."""
+    log, path = harness_log
+    run = lb.validate_log(copy.deepcopy(log))
+    artefact = path.with_name(run.model["file"])
+    assert run.model["format"] == "weights" and run.model["bytes"] == artefact.stat().st_size
+    assert run.model["sha256"] == hashlib.sha256(artefact.read_bytes()).hexdigest()
 
 
 def test_a_renamed_log_file_is_refused(harness_log, tmp_path):

@@ -6,6 +6,7 @@ import dataclasses
 import io
 import json
 import os
+import stat
 import time
 import types
 
@@ -86,6 +87,8 @@ def test_bench_throughput_bad_input_is_one_line(capsys):
 #  compare.py on synthetic logs
 
 V1, V2 = "airbench-ssl-log/1", "airbench-ssl-log/2"
+AT_STOP = "kNN k=10 accuracy at stop (test set vs the run's training images)"
+AT_EPOCH_5 = "kNN k=10 accuracy after epoch 5 (test set vs the run's training images)"
 
 
 def make_log(name, seed, seconds, knn, reached=True, log_format=V2, **config):
@@ -148,7 +151,7 @@ def test_identical_samples_are_not_significant(tmp_path, capsys):
     code, out, _ = run_compare(capsys, "logs", "--a", *a, "--b", *b)
     assert code == 0
     found = blocks(out)
-    assert list(found) == ["time to target (timed seconds)", "kNN accuracy at stop"]
+    assert list(found) == ["time to target (timed seconds)", AT_STOP]
     for block in found.values():
         assert verdict(block) == "NOT significant at 5%: no evidence of a difference (n=3 vs 3)"
         assert "B - A: +0.000" in block and "Welch p = 1 " in block
@@ -164,7 +167,7 @@ def test_well_separated_samples_are_significant_with_the_right_direction(tmp_pat
     code, out, _ = run_compare(capsys, "logs", "--a", *a, "--b", *b)
     assert code == 0
     found = blocks(out)
-    time_block, acc_block = found["time to target (timed seconds)"], found["kNN accuracy at stop"]
+    time_block, acc_block = found["time to target (timed seconds)"], found[AT_STOP]
     diff = sum(times_b) / 4 - sum(times_a) / 4
     assert verdict(time_block) == (f"significant at 5%: B is faster than A ({abs(diff):.3f} s, "
                                    f"{100 * abs(diff) / (sum(times_a) / 4):.1f}%)")
@@ -185,10 +188,10 @@ def test_time_to_target_falls_back_when_a_run_missed_and_at_epoch_budget(tmp_pat
     assert code == 0
     assert f"time to target: not compared: 1 of 5 runs did not reach the target (e.g. {b[-1]})" in out
     found = blocks(out)
-    assert list(found) == ["kNN accuracy at stop", "kNN accuracy after epoch 5"]
-    assert verdict(found["kNN accuracy at stop"]).startswith("significant at 5%: B is more accurate than A (5.000 %")
-    assert "B - A: +5.000 %" in found["kNN accuracy after epoch 5"]  # epoch 5 rows are 1 point below at stop
-    assert "A: 89.200 ± 0.141 % (n=2)" in found["kNN accuracy after epoch 5"]
+    assert list(found) == [AT_STOP, AT_EPOCH_5]
+    assert verdict(found[AT_STOP]).startswith("significant at 5%: B is more accurate than A (5.000 %")
+    assert "B - A: +5.000 %" in found[AT_EPOCH_5]  # epoch 5 rows are 1 point below at stop
+    assert "A: 89.200 ± 0.141 % (n=2)" in found[AT_EPOCH_5]
 
 
 @pytest.mark.parametrize("case", ["one_run", "not_a_log", "no_such_epoch_v1", "no_such_epoch_v2", "missing_file",
@@ -209,7 +212,8 @@ def test_compare_bad_input_is_one_line_and_nonzero(tmp_path, capsys, case):
         "no_such_epoch_v2": (["logs", "--a", *a, "--b", *b, "--at-epoch", "7"],
                              f"compare: error: {a[0]}: no kNN check after epoch 7 (its checks: [5, 10])"),
         "missing_file": (["run", "--a", str(tmp_path / "nope.json"), "--b", a[0], "--seeds", "0", "1"],
-                         f"compare: error: config file {tmp_path / 'nope.json'} does not exist"),
+                         f"compare: error: A ({tmp_path / 'nope.json'}): cannot read config file "
+                         f"{tmp_path / 'nope.json'}: [Errno 2] No such file or directory"),
         "repeated_seed": ([*run[:-4], "1", "1"], "compare: error: --seeds repeats a seed: [1, 1]"),
         "gpus_empty": ([*run, "--gpus", ""], gpus_error + "''"),
         "gpus_word": ([*run, "--gpus", "0,one"], gpus_error + "'0,one'"),
@@ -252,7 +256,7 @@ try:  # exclusive create: fails while another run holds the same GPU
     shared = False
 except FileExistsError:
     shared = True
-time.sleep(cfg["seconds"])
+time.sleep(600 if seed in cfg["hang_seeds"] else cfg["seconds"])  # SIGTERM ends it, as the harness
 if not shared:
     os.unlink(lock)
 with open(os.path.join(cfg["events"], f"{cfg['side']}{seed}.json"), "w") as f:
@@ -260,11 +264,13 @@ with open(os.path.join(cfg["events"], f"{cfg['side']}{seed}.json"), "w") as f:
 if seed in cfg["fail_seeds"]:
     sys.exit("fake harness: CUDA out of memory")
 os.makedirs(args.log_dir, exist_ok=True)
-log = {"format": "airbench-ssl-log/2", "kind": "train", "config": {"seed": seed, "grayscale_p": cfg["grayscale_p"]},
+knn = 90.0 + seed + 0.089999496936798  # as float32 sums print: compare rounds it
+log = {"format": "airbench-ssl-log/2", "kind": "train",
+       "config": {"seed": seed, "grayscale_p": cfg["grayscale_p"], "knn_k": 10},
        "environment": {"device": "cuda", "gpu_name": "NVIDIA H200"}, "code": {"sha256": "ab" * 32},
-       "epochs": [{"epoch": 1, "timed_seconds": cfg["timed"] + seed, "knn_pct": 90.0 + seed}],
+       "epochs": [{"epoch": 1, "timed_seconds": cfg["timed"] + seed, "knn_pct": knn}],
        "result": {"status": "reached_target", "reached_target": True, "timed_seconds": cfg["timed"] + seed,
-                  "time_to_target_seconds": cfg["timed"] + seed, "knn_at_stop_pct": 90.0 + seed}}
+                  "time_to_target_seconds": cfg["timed"] + seed, "knn_at_stop_pct": knn}}
 with open(os.path.join(args.log_dir, f"run_seed{seed}_{os.getpid()}.json"), "w") as f:
     json.dump(log, f)
 """
@@ -272,23 +278,26 @@ with open(os.path.join(args.log_dir, f"run_seed{seed}_{os.getpid()}.json"), "w")
 
 @pytest.fixture
 def fake_harness(tmp_path, monkeypatch):
-    """compare.py's harness replaced by a script that sleeps, records the GPU it was given and whether another
-    run held that GPU at the same time, then writes a log (A takes 300+seed timed s, B 200+seed): -> a function
-    that writes the two configs and returns (their paths, the events folder)."""
+    """compare.py's harness replaced by a script that sleeps (600 s for hang_seeds), records the GPU it was given
+    and whether another run held that GPU at the same time, then writes a log (A takes 300+seed timed s, B
+    200+seed): -> a function that writes the two configs and returns (their paths, the events folder). Its configs
+    are no harness configs, so the harness's checks of them are skipped here (tested with real configs below)."""
     script = tmp_path / "fake_harness.py"
     script.write_text(FAKE_HARNESS)
     monkeypatch.setattr(compare, "HARNESS", str(script))
     monkeypatch.setattr(compare, "POLL_SECONDS", 0.02)
+    monkeypatch.setattr(compare, "check_runs", lambda *args: [])
     events = tmp_path / "events"
     events.mkdir()
 
-    def configs(seconds_a=0.3, seconds_b=0.3, fail_a=(), fail_b=()):
+    def configs(seconds_a=0.3, seconds_b=0.3, fail_a=(), fail_b=(), hang_seeds=()):
         paths = []
         for name, seconds, timed, fail in (("A", seconds_a, 300.0, fail_a), ("B", seconds_b, 200.0, fail_b)):
             paths.append(str(tmp_path / f"{name}.json"))
             with open(paths[-1], "w", encoding="utf-8") as f:
                 json.dump({"events": str(events), "side": name, "seconds": seconds, "timed": timed,
-                           "fail_seeds": list(fail), "grayscale_p": 0.1 if name == "A" else 0.2}, f)
+                           "fail_seeds": list(fail), "hang_seeds": list(hang_seeds),
+                           "grayscale_p": 0.1 if name == "A" else 0.2}, f)
         return paths, events
 
     return configs
@@ -331,7 +340,7 @@ def test_compare_run_on_gpus_one_run_per_gpu_interleaved(fake_harness, tmp_path,
     found = blocks(out)
     assert verdict(found["time to target (timed seconds)"]).startswith("significant at 5%: B is faster than A "
                                                                        "(100.000 s")
-    assert verdict(found["kNN accuracy at stop"]) == "NOT significant at 5%: no evidence of a difference (n=3 vs 3)"
+    assert verdict(found[AT_STOP]) == "NOT significant at 5%: no evidence of a difference (n=3 vs 3)"
 
 
 def test_compare_run_without_gpus_is_sequential_and_leaves_the_devices_alone(fake_harness, tmp_path, capsys,
@@ -370,30 +379,113 @@ def test_compare_run_on_gpus_waits_for_running_runs_before_reporting_a_failure(f
     assert len(list((tmp_path / "logs" / "A").glob("*.json"))) == len([n for n, _ in started if n.startswith("A")])
 
 
-def test_interrupted_compare_run_on_gpus_stops_its_runs(fake_harness, tmp_path, monkeypatch):
-    (config_a, config_b), events = fake_harness(seconds_a=600, seconds_b=600)  # far longer than the test
-    real_sleep = time.sleep
+def interrupt_when(monkeypatch, ready):
+    """Ctrl-C in compare's wait for its runs, as soon as ready() is true."""
+    deadline = time.monotonic() + 120
 
-    def interrupt(seconds):  # Ctrl-C once both runs are up
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if len(list(events.glob("*.pid"))) == 2:
-                raise KeyboardInterrupt
-            real_sleep(0.01)
-        raise AssertionError("the runs never started")
+    def sleep(seconds):
+        if ready():
+            raise KeyboardInterrupt
+        if time.monotonic() > deadline:
+            raise AssertionError("the moment to interrupt never came")
+        time.sleep(seconds)
 
-    monkeypatch.setattr(compare, "time", types.SimpleNamespace(sleep=interrupt))
-    with pytest.raises(KeyboardInterrupt):
-        compare.main(["run", "--a", config_a, "--b", config_b, "--seeds", "0", "1",
-                      "--log-dir", str(tmp_path / "logs"), "--gpus", "0,1"])
+    monkeypatch.setattr(compare, "time", types.SimpleNamespace(sleep=sleep, monotonic=time.monotonic))
+
+
+@pytest.mark.parametrize("gpus", [None, "0,1"])
+def test_interrupted_compare_run_stops_its_runs_and_says_what_finished_in_one_line(fake_harness, tmp_path, capsys,
+                                                                                  monkeypatch, gpus):
+    (config_a, config_b), events = fake_harness(seconds_a=0.05, seconds_b=0.05, hang_seeds=[1])
+    # seed 0 of both sides finishes; then A seed 1 (and on 2 GPUs B seed 1) hangs until stopped
+    started = {"A0", "B0", "A1"} | ({"B1"} if gpus else set())
+    interrupt_when(monkeypatch, lambda: {p.stem for p in events.glob("*.pid")} == started)
+    log_dir = tmp_path / "logs"
+    code, out, err = run_compare(capsys, "run", "--a", config_a, "--b", config_b, "--seeds", "0", "1",
+                                 "--log-dir", str(log_dir), *(["--gpus", gpus] if gpus else []))
+    assert code == 130
+    assert err == f"compare: interrupted after 2 of 4 runs (A: 1 finished, B: 1 finished); logs in {log_dir}\n"
+    finished = sorted(line.partition(" s wall: ")[2] for line in out.splitlines() if " done in " in line)
+    on = [f" on GPU {gpu}" for gpu in gpus.split(",")] if gpus else ["", ""]
+    assert finished == [f"A seed 0{on[0]}: reached_target: 300.00 timed s, kNN k=10 at stop 90.09 %",  # rounded
+                        f"B seed 0{on[1]}: reached_target: 200.00 timed s, kNN k=10 at stop 90.09 %"]
     for pid_file in events.glob("*.pid"):
         with pytest.raises(ProcessLookupError):  # ended and reaped, not left running on its GPU
             os.kill(int(pid_file.read_text()), 0)
-    assert records(events) == {}, sorted(os.listdir(events))  # no run got as far as writing its result
+    assert sorted(records(events)) == ["A0", "B0"]  # the stopped runs never got as far as writing a result
+    assert [len(list((log_dir / side).glob("*.json"))) for side in "AB"] == [1, 1]
+
+
+########################################
+#  compare.py run: every run checked by the harness's own rules before the first starts
+
+def write_json(path, value):
+    path.write_text(json.dumps(value))
+    return str(path)
+
+
+@pytest.mark.parametrize("gpus", [None, "0,1"])
+@pytest.mark.parametrize("case", ["typo_in_b", "b_out_of_range", "b_missing", "flag_typo", "flag_value",
+                                  "flag_sets_seed", "at_epoch_not_checked_by_a", "at_epoch_past_the_end"])
+def test_compare_run_refuses_a_bad_arm_in_one_line_before_any_run_starts(tmp_path, capsys, monkeypatch, case, gpus):
+    started = tmp_path / "started"  # the harness, replaced: it marks that a run started
+    (tmp_path / "harness.py").write_text(f"open({str(started)!r}, 'w').close()\n")
+    monkeypatch.setattr(compare, "HARNESS", str(tmp_path / "harness.py"))
+    a = write_json(tmp_path / "a.json", {"grayscale_p": 0.1, "check_first_epoch": 5, "check_every_epochs": 10})
+    b_values, extra, at_epoch, expected = {
+        "typo_in_b": ({"grayscle_p": 0.2}, [], None, "B ({b}): config file {b} has unknown fields ['grayscle_p']"),
+        "b_out_of_range": ({"grayscale_p": 2}, [], None, "B ({b}): bad config: grayscale_p=2 must be in [0, 1]"),
+        "b_missing": (None, [], None, "B ({b}): cannot read config file {b}: [Errno 2] No such file or directory"),
+        "flag_typo": ({}, ["--widht", "8"], None,
+                      "A ({a}) and B ({b}): unrecognized arguments: --widht 8 (see python airbench_ssl.py --help)"),
+        "flag_value": ({}, ["--width", "x"], None, "A ({a}) and B ({b}): argument --width: invalid int value: 'x'"),
+        "flag_sets_seed": ({}, ["--seed", "3"], None, "A ({a}) and B ({b}): --extra sets the seed or the log folder"),
+        "at_epoch_not_checked_by_a": ({"check_first_epoch": 1, "check_every_epochs": 1}, ["--epochs", "20"], 10,
+                                      "A ({a}): --at-epoch 10 is not a kNN check epoch (check_first_epoch 5, "
+                                      "check_every_epochs 10, epochs 20)"),
+        "at_epoch_past_the_end": ({"check_first_epoch": 1, "check_every_epochs": 1}, ["--epochs", "20"], 21,
+                                  "A ({a}): --at-epoch 21 is not a kNN check epoch (check_first_epoch 5, "
+                                  "check_every_epochs 10, epochs 20); B ({b}): --at-epoch 21 is not a kNN check epoch "
+                                  "(check_first_epoch 1, check_every_epochs 1, epochs 20)"),
+    }[case]
+    b = write_json(tmp_path / "b.json", b_values) if b_values is not None else str(tmp_path / "nope.json")
+    code, out, err = run_compare(capsys, "run", "--a", a, "--b", b, "--seeds", "0", "1", "--log-dir",
+                                 str(tmp_path / "logs"), *(["--gpus", gpus] if gpus else []),
+                                 *(["--at-epoch", str(at_epoch)] if at_epoch is not None else []), "--extra", *extra)
+    assert code == 2
+    assert err.startswith("compare: error: " + expected.format(a=a, b=b)) and err.count("\n") == 1, err
+    assert out == ""
+    assert not started.exists() and not (tmp_path / "logs").exists()  # nothing ran, nothing was created
+
+
+def test_compare_run_says_when_both_arms_are_one_recipe(tmp_path):
+    a = write_json(tmp_path / "a.json", {"_description": "the reference", "grayscale_p": 0.1})
+    same = write_json(tmp_path / "same.json", {"_description": "a copy", "grayscale_p": 0.1, "data_dir": "elsewhere"})
+    other = write_json(tmp_path / "other.json", {"grayscale_p": 0.2})
+    notes = {name: compare.check_runs(compare.interleaved_runs(a, b, [0, 1]), ["--epochs", "20"], str(tmp_path), None)
+             for name, b in (("file", a), ("copy", same), ("other", other))}
+    tail = ": an A/A comparison, which measures run-to-run noise, not a change"
+    assert notes == {"file": ["NOTE: --a and --b are the same file" + tail],
+                     "copy": ["NOTE: --a and --b resolve to the same config" + tail], "other": []}
+
+
+def test_compare_logs_says_when_the_sides_share_logs(tmp_path, capsys):
+    a = side(tmp_path, "a", [300.0, 310.0], [90.1, 90.3])
+    b = side(tmp_path, "b", [300.0, 310.0], [90.2, 90.4])
+    _, out, _ = run_compare(capsys, "logs", "--a", *a, "--b", *b)
+    assert "NOTE" not in out and "WARNING" not in out
+    _, out, _ = run_compare(capsys, "logs", "--a", *a, "--b", a[1], str(tmp_path / ".." / tmp_path.name / "a0.json"))
+    assert "NOTE: --a and --b are the same logs: an A/A comparison, which can only find no difference" in out
+    _, out, _ = run_compare(capsys, "logs", "--a", *a, "--b", a[0], b[0])
+    assert f"WARNING: 1 logs are on both sides (e.g. {os.path.realpath(a[0])}): the sides are not independent" in out
 
 
 ########################################
 #  compare.py run and plot.py on real CPU runs
+
+TINY_RUN = ["--preset", "cpu_demo", "--device", "cpu", "--width", "8", "--train-subset", "0", "--batch-size", "32",
+            "--download", "false"]
+
 
 @pytest.fixture(scope="module")
 def cpu_runs(fake_cifar_root, tmp_path_factory):
@@ -404,8 +496,7 @@ def cpu_runs(fake_cifar_root, tmp_path_factory):
         configs.append(str(folder / f"{name}.json"))
         with open(configs[-1], "w", encoding="utf-8") as f:
             json.dump({"_description": f"grayscale {p}", "grayscale_p": p}, f)
-    cpu = ["--preset", "cpu_demo", "--device", "cpu", "--width", "8", "--train-subset", "0", "--batch-size", "32",
-           "--epochs", "1", "--download", "false", "--data-dir", fake_cifar_root]
+    cpu = [*TINY_RUN, "--epochs", "1", "--data-dir", fake_cifar_root]
     out = io.StringIO()
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out):
         # one compute thread per run: OpenMP threads spinning against other busy processes on a 2-core CI machine
@@ -435,21 +526,47 @@ def test_compare_run_trains_interleaved_and_compares(cpu_runs, capsys):
     assert launches(out) == [("A seed 0", None), ("B seed 0", None), ("A seed 1", None), ("B seed 1", None)]
     knn = {}
     for name in ("A", "B"):
-        logs = [json.load(open(log_dir / name / f)) for f in sorted(os.listdir(log_dir / name))]
+        logs = [json.loads(p.read_text()) for p in sorted((log_dir / name).glob("*.json"))]
         assert sorted(log["config"]["seed"] for log in logs) == [0, 1]
         assert {log["config"]["grayscale_p"] for log in logs} == {0.1 if name == "A" else 0.2}
         knn[name] = [log["result"]["knn_at_stop_pct"] for log in logs]
     assert "config A vs B: grayscale_p: 0.1 vs 0.2" in out
     assert "time to target: not compared: 4 of 4 runs did not reach the target" in out  # the CPU preset aims at 100%
     found = blocks(out)
-    assert list(found) == ["kNN accuracy at stop"]
-    assert verdict(found["kNN accuracy at stop"]).startswith(expected_verdict(knn["A"], knn["B"]))
+    assert list(found) == [AT_STOP]
+    assert verdict(found[AT_STOP]).startswith(expected_verdict(knn["A"], knn["B"]))
     # The same logs on both sides: the other verdict, whatever the runs measured.
     paths = [str(p) for p in sorted((log_dir / "A").glob("*.json"))]
     code, out, _ = run_compare(capsys, "logs", "--a", *paths, "--b", *paths)
     assert code == 0
-    assert verdict(blocks(out)["kNN accuracy at stop"]) == ("NOT significant at 5%: no evidence of a difference "
-                                                            "(n=2 vs 2)")
+    assert "NOTE: --a and --b are the same logs: an A/A comparison" in out
+    assert verdict(blocks(out)[AT_STOP]) == "NOT significant at 5%: no evidence of a difference (n=2 vs 2)"
+
+
+def test_interrupted_compare_run_leaves_the_harness_logging_its_run_as_interrupted(fake_cifar_root, tmp_path, capsys,
+                                                                                    monkeypatch):
+    """Ctrl-C reaches compare alone (the runs have their own session) and each run gets one SIGTERM from it, which
+    the harness logs: the log keeps the finished epochs and says interrupted (about 10 s on 2 cores)."""
+    config, log_dir = write_json(tmp_path / "a.json", {"grayscale_p": 0.1}), tmp_path / "logs"
+
+    def training():  # A's first run has logged a trained epoch
+        for path in (log_dir / "A").glob("*.json"):
+            with contextlib.suppress(ValueError):
+                return any(row["epoch"] >= 1 for row in json.loads(path.read_text())["epochs"])
+        return False
+
+    interrupt_when(monkeypatch, training)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # as in cpu_runs
+    code, out, err = run_compare(capsys, "run", "--a", config, "--b", config, "--seeds", "0", "1", "--log-dir",
+                                 str(log_dir), "--extra", *TINY_RUN, "--epochs", "10000", "--data-dir", fake_cifar_root)
+    assert code == 130
+    assert err == f"compare: interrupted after 0 of 4 runs (A: 0 finished, B: 0 finished); logs in {log_dir}\n"
+    assert out.startswith("NOTE: --a and --b are the same file")
+    (path,) = (log_dir / "A").glob("*.json")
+    log = json.loads(path.read_text())
+    assert log["result"]["status"] == "interrupted" and log["result"]["message"] == "interrupted (Ctrl-C or SIGTERM)"
+    assert log["epochs"] and log["result"]["epochs_run"] == log["epochs"][-1]["epoch"] >= 1
+    assert not (log_dir / "B").exists()
 
 
 ########################################
@@ -535,6 +652,36 @@ def test_plot_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, case):
     err = capsys.readouterr().err
     assert err.startswith("plot: error: ") and expected in err and err.count("\n") == 1, err
     assert not any(out.parent.iterdir())
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_plot_creates_a_missing_folder_and_its_files_follow_the_umask(tmp_path, umask):
+    paths = [write_log(str(tmp_path), "a0", 0, 300.0, 91.0)]
+    reference = tmp_path / "reference"  # what any file the user creates gets under this umask
+    saved = os.umask(umask)
+    try:
+        reference.write_bytes(b"")
+        out = tmp_path / "new" / "deeper" / "curves.png"
+        assert plot.main([*paths, "-o", str(out)]) == 0
+    finally:
+        os.umask(saved)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and os.listdir(out.parent) == ["curves.png"]
+    assert stat.S_IMODE(out.stat().st_mode) == stat.S_IMODE(reference.stat().st_mode) == 0o666 & ~umask
+    assert stat.S_IMODE(out.parent.stat().st_mode) == 0o777 & ~umask
+
+
+@pytest.mark.parametrize("case", ["folder_is_a_file", "folder_under_a_file", "out_is_a_folder"])
+def test_plot_that_cannot_write_says_so_in_one_line_naming_the_image(tmp_path, capsys, case):
+    paths = [write_log(str(tmp_path), "a0", 0, 300.0, 91.0)]
+    (tmp_path / "file").write_text("not a folder")
+    (tmp_path / "folder").mkdir()
+    out, reason = {"folder_is_a_file": (tmp_path / "file" / "x.png", f"{tmp_path / 'file'} is a file, not a folder"),
+                   "folder_under_a_file": (tmp_path / "file" / "sub" / "x.png", "Not a directory"),
+                   "out_is_a_folder": (tmp_path / "folder", "Is a directory")}[case]
+    before = sorted(os.listdir(tmp_path))
+    assert plot.main([*paths, "-o", str(out)]) == 1
+    assert capsys.readouterr().err == f"plot: error: cannot write {out}: {reason}\n"  # not the temp file's name
+    assert sorted(os.listdir(tmp_path)) == before and not any((tmp_path / "folder").iterdir())
 
 
 @pytest.mark.parametrize("tool", [bench_throughput, compare, plot])

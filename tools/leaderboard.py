@@ -1,38 +1,46 @@
-"""Turn run logs into audited records under records/ and render leaderboard.md from them.
+"""Turn run logs into audited records under records/, prove their accuracy by recomputation, render leaderboard.md.
 
-    python tools/leaderboard.py add logs/a.json logs/b.json logs/c.json --name ShortName --description "what changed"
-    python tools/leaderboard.py render     # rewrite leaderboard.md from records/
-    python tools/leaderboard.py check      # CI: leaderboard.md == render, and every record still validates
+    python tools/leaderboard.py add logs/a.json logs/b.json logs/c.json --name ShortName --description "what changed" \
+        [--models logs --data-dir DIR]     # with --models: verified, the accuracy recomputed from the saved models
+    python tools/leaderboard.py verify records/DATE_Name --models DIR --data-dir DIR   # verify a record (again)
+    python tools/leaderboard.py reproduce records/DATE_Name --runs 3     # re-run its logged source here, compare
+    python tools/leaderboard.py render     # rewrite leaderboard.md (and stale generated files) from records/
+    python tools/leaderboard.py check      # CI: every rule of add and verify, and the generated files agree
 
 A record is a folder records/YYYY-MM-DD_ShortName/ holding byte-identical copies of its run logs, a generated
-statistics.md and record.json, and a README.md written by the submitter. The logs are the evidence: every number in
-statistics.md, record.json and leaderboard.md is re-derived from them, and `check` fails if any file disagrees.
+statistics.md and record.json, and a README.md written by the submitter. The logs are the evidence of the times:
+every number in statistics.md, record.json and leaderboard.md is re-derived from them, and `check` fails if any file
+disagrees. The accuracy a log states is what the entry's own process computed; the leaderboard shows only accuracy
+recomputed by `verify` (tools/verify.py) from each run's saved model, whose sha256 the log and record.json keep.
 
 The rules are listed in records/README.md and implemented here: `validate_log(log)` checks one log (a path or a
-parsed dict) and returns its `Run`; every rule of one log is an entry of `RULES`, so each can be tested alone.
-`validate_runs` checks the runs of one record and `record_problems` the records against each other. The race's
-own rules come from the harness (`airbench_ssl.is_check_epoch`, `reached_target`, `OFFICIAL_MD5`), and a record's
-evaluation code must be the harness's own, definition for definition (`pinning_problems`).
+parsed dict) and returns its `Run`; every rule of one log is an entry of `RULES`, so each can be tested alone, and a
+refusal lists every rule broken. `validate_runs` checks the runs of one record, `verification_problems` a stored
+verification (recomputed accuracy, batch independence, the FLOP floor), `date_problems` a record's date and
+`record_problems` the records against each other. The race's own rules come from the harness
+(`airbench_ssl.is_check_epoch`, `reached_target`, `OFFICIAL_MD5`), and a record's evaluation code must be the
+harness's own, definition for definition (`pinning_problems`, a static first filter; verification is the proof).
 
-Writes are atomic (temp file or temp folder in the same directory, then rename), and `add` and `render` hold an
-exclusive flock on the records folder, so concurrent adds serialize, and a crash leaves either the previous state or
-leftovers that git ignores and the next `add` or `render` removes.
+Writes are atomic (temp file or temp folder in the same directory, then rename), and `add`, `verify` and `render`
+hold an exclusive flock on the records folder, so concurrent commands serialize, and a crash leaves either the
+previous state or leftovers that git ignores and the next `add` or `render` removes.
 """
 
 import argparse
 import ast
 import builtins
 import contextlib
-import copy
 import dataclasses
 import datetime
 import fcntl
 import functools
+import gc
 import hashlib
 import json
 import math
 import os
 import re
+import shlex
 import shutil
 import stat
 import sys
@@ -43,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 import stats
+import verify
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
@@ -53,8 +62,14 @@ TARGET_PCT = 90.0
 KNN_K = 10
 TRAIN_IMAGES, TEST_IMAGES = 50_000, 10_000
 MIN_RUNS = 3
-# Fields that name per-machine paths or the seed: they differ between honest runs of one recipe.
-PER_RUN_CONFIG_KEYS = frozenset({"seed", "data_dir", "log_dir", "save_checkpoint", "download"})
+# Fields that name per-machine paths, the seed or how the model is saved: they differ between honest runs of one
+# recipe without changing its training.
+PER_RUN_CONFIG_KEYS = frozenset({"seed", "data_dir", "log_dir", "download", "save_model"})
+MODEL_FORMATS = ("weights", "export")
+# Near-duplicate runs: losses that agree to the 4 decimals the harness prints (rounding moves one by <= 5e-5) are one
+# run under any run_id or seed. Two seeds' epoch losses differ by ~1e-3 or more (augmentation noise in the mean of an
+# epoch's steps), so honest runs never agree over every epoch.
+LOSS_TOLERANCE = 1e-4
 GENERATED_FILES = ("record.json", "statistics.md")
 SUBMITTER_FILE = "README.md"
 STAGING_PREFIX = ".staging-"
@@ -73,13 +88,15 @@ MIN_EPOCH_SECONDS = 1e-3
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 DATE_PATTERN = re.compile(r"\d{4}-\d{2}-\d{2}")
 RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
+# The harness's flag of a Config field is "--" + the name with "_" as "-"; entries may add fields of any name.
+FLAG_PATTERN = re.compile(r"--[A-Za-z][A-Za-z0-9-]*")
 CREATED_PATTERN = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z")
 # Printable ASCII only (no look-alike Unicode, no control characters, no '|' to break a table), as real names are.
 GPU_NAME_PATTERN = re.compile(r" *[A-Za-z0-9][A-Za-z0-9 ._()/+,:@-]{0,79}")
 VERSION_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+_-]{0,39}")
 DESCRIPTION_PATTERN = re.compile(r"[\x20-\x7b\x7d\x7e]{1,%d}" % MAX_DESCRIPTION_CHARS)  # printable ASCII but '|'
-SMI_GPU_ROW = re.compile(r"^\|\s+\d+\s+(\S.*?)\s+(?:On|Off)\s+\|", re.MULTILINE)
-SMI_DRIVER = re.compile(r"Driver Version:\s*(\S+)")
+SMI_DRIVER = re.compile(r"Driver Version:[ \t]*(\S+)")  # linear: the two classes cannot overlap
 BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 
 # The evaluation every record is judged by: these definitions in a record's logged source must be those of the
@@ -87,7 +104,7 @@ BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "fal
 # not be shadowed).
 PINNED = ("OFFICIAL_MD5", "_CifarUnpickler", "parse_cifar_batch", "find_cifar", "load_cifar10",
           "extract_features", "knn_predict", "knn_accuracy", "knn_check", "is_check_epoch", "reached_target")
-DYNAMIC_NAMES = frozenset({"exec", "eval", "globals", "__import__"})
+DYNAMIC_NAMES = frozenset({"exec", "eval", "globals", "__import__", "__builtins__"})
 PATCH_ATTRIBUTES = frozenset({"__code__", "__globals__", "__builtins__", "__dict__", "__defaults__",
                               "__kwdefaults__", "__closure__"})
 BANNED_MODULES = frozenset({"builtins", "importlib", "ctypes"})
@@ -106,18 +123,31 @@ REFERENCE_ROWS = (
 REFERENCE_HARDWARE = "A100, 16 CPU data-loader workers"
 
 
-class Refused(Exception):
-    """A log, a set of logs or a record breaks a rule; `file` names the offending file when there is one."""
+def one_line(text: str) -> str:
+    """Any text as one printable line: control characters (and any other unprintable ones) escaped."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
-    def __init__(self, reason: str, file: str | None = None) -> None:
+
+class Refused(Exception):
+    """A log, a set of logs or a record breaks a rule; `file` names the offending file when there is one, and `also`
+    holds the further problems of the same input (a refusal lists them all)."""
+
+    def __init__(self, reason: str, file: str | None = None, also: Sequence["Refused"] = ()) -> None:
         super().__init__(reason)
-        self.file = file
+        self.file, self.also = file, tuple(also)
+
+    @classmethod
+    def of(cls, problems: Sequence["Refused"]) -> "Refused":
+        return cls(str(problems[0]), problems[0].file, [*problems[0].also, *problems[1:]])
 
     def line(self) -> str:
-        if self.file is None:
-            return str(self)
-        file = self.file if self.file.isprintable() else ascii(self.file)
-        return f"{file}: {self}"
+        return one_line(str(self) if self.file is None else f"{self.file}: {self}")
+
+    def each(self) -> list["Refused"]:
+        return [Refused(str(self), self.file), *self.also]
+
+    def lines(self) -> list[str]:
+        return [problem.line() for problem in self.each()]
 
 
 class Broken(Exception):
@@ -139,7 +169,10 @@ class Run:
     config: dict[str, Any]
     torch_version: str
     cuda_version: str
-    identity: frozenset[str]  # a run is the same run as another if these share an element
+    model: dict[str, Any]  # the saved model: file, format, sha256, bytes
+    epoch_seconds: tuple[float, ...]  # of the trained epochs 1, 2, ...
+    losses: tuple[float, ...]
+    identity: frozenset[str]  # exact evidence: a run is the same run as another if these share an element
 
     @property
     def hardware(self) -> str:
@@ -153,6 +186,7 @@ class Record:
     date: str
     description: str
     runs: tuple[Run, ...]
+    verification: dict[str, Any] | None = None  # what `verify` recomputed (see verification_block), or None
 
     @property
     def hardware(self) -> str:
@@ -163,8 +197,14 @@ class Record:
         return [r.time_to_target_seconds for r in self.runs]
 
     @property
-    def accs(self) -> list[float]:
+    def reported_accs(self) -> list[float]:
         return [r.knn_at_stop_pct for r in self.runs]
+
+    @property
+    def recomputed_accs(self) -> list[float] | None:
+        if self.verification is None:
+            return None
+        return [v["recomputed_knn_pct"] for v in self.verification["runs"]]
 
     @property
     def mean_time(self) -> float:
@@ -263,19 +303,44 @@ def read_bounded(path: Path, limit: int, follow_symlinks: bool) -> bytes:
 
 ########################################
 #  The pinned evaluation
-
-def _without_docstrings(node: ast.AST) -> ast.AST:
-    node = copy.deepcopy(node)
-    for n in ast.walk(node):
-        body = getattr(n, "body", None)
-        if (isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and body
-                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
-                and isinstance(body[0].value.value, str)):
-            n.body = body[1:] or [ast.Pass()]
-    return node
-
+#
+# A first filter, not the guarantee (that is `verify`, which recomputes the accuracy from the saved model): it catches
+# honest mistakes and obvious patches in a record's logged source, precisely enough never to refuse honest code.
+# Names are resolved by scope as Python resolves them, so a local variable named like a module is not the module, and
+# every walk over the tree uses an explicit stack: any source Python can parse is analysed without RecursionError.
 
 _BODY_FIELDS = ("body", "orelse", "finalbody", "handlers", "cases")
+_DOCSTRING_OWNERS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+_COMPREHENSIONS = (ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)
+
+
+def _body_without_docstring(node: ast.AST) -> list[ast.stmt]:
+    body = node.body  # type: ignore[attr-defined]
+    if (body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+            and isinstance(body[0].value.value, str)):
+        return body[1:] or [ast.Pass()]
+    return body
+
+
+def fingerprint(node: ast.AST) -> str:
+    """What a piece of code is, for comparison: the sha256 of its syntax tree without positions and docstrings, in
+    preorder with list lengths (so the sequence has one reading), built with an explicit stack (ast.dump and
+    copy.deepcopy recurse, and fail on a long `1+1+...+1` that Python parses)."""
+    out: list[str] = []
+    stack: list[Any] = [node]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, ast.AST):
+            out.append(type(item).__name__)
+            values = [_body_without_docstring(item) if name == "body" and isinstance(item, _DOCSTRING_OWNERS)
+                      else value for name, value in ast.iter_fields(item)]
+            stack.extend(reversed(values))
+        elif isinstance(item, list):
+            out.append(f"[{len(item)}")
+            stack.extend(reversed(item))
+        else:  # a constant or an identifier; repr escapes the separator
+            out.append(f"{type(item).__name__}:{item!r}")
+    return hashlib.sha256("\\0".join(out).encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def _stored_names(node: ast.AST) -> Iterator[str]:
@@ -283,7 +348,7 @@ def _stored_names(node: ast.AST) -> Iterator[str]:
     todo = [child for field, child in ast.iter_fields(node) if field not in _BODY_FIELDS]
     while todo:
         item = todo.pop()
-        if isinstance(item, (ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)):
+        if isinstance(item, _COMPREHENSIONS):
             # a comprehension's variables are its own; only `:=` inside it binds in the enclosing scope
             yield from (n.target.id for n in ast.walk(item) if isinstance(n, ast.NamedExpr))
             continue
@@ -301,63 +366,244 @@ def _stored_names(node: ast.AST) -> Iterator[str]:
 
 @dataclasses.dataclass(frozen=True)
 class ModuleFacts:
-    bindings: dict[str, frozenset[str]]  # module-level name -> how it is bound (dumps of defs, imports, statements)
-    nodes: dict[str, tuple[ast.AST, ...]]  # module-level name -> the nodes that bind it
-    modules: dict[str, str]  # module-level name bound by an import -> the module (or module.attribute) it names
+    nodes: dict[str, tuple[ast.AST | str, ...]]  # module-level name -> what binds it: statements, or import texts
     star_import: bool
+
+    def binding(self, name: str) -> frozenset[str]:
+        """How `name` is bound: fingerprints of the statements, and the imports (computed only for names compared)."""
+        return frozenset(how if isinstance(how, str) else fingerprint(how) for how in self.nodes.get(name, ()))
 
 
 def module_facts(tree: ast.Module) -> ModuleFacts:
-    bindings: dict[str, set[str]] = {}
-    nodes: dict[str, list[ast.AST]] = {}
-    modules: dict[str, str] = {}
+    """What binds each module-level name: definitions, imports and statements (nested blocks included, function and
+    class bodies not: their names are their own)."""
+    nodes: dict[str, list[ast.AST | str]] = {}
     star = False
 
-    def bind(name: str, how: str, node: ast.AST) -> None:
-        bindings.setdefault(name, set()).add(how)
-        nodes.setdefault(name, []).append(node)
+    def bind(name: str, how: ast.AST | str) -> None:
+        nodes.setdefault(name, []).append(how)
 
-    def visit(statements: list[ast.stmt]) -> None:
-        nonlocal star
-        for s in statements:
-            if isinstance(s, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-                bind(s.name, ast.dump(_without_docstrings(s)), s)
-                continue
-            if isinstance(s, ast.Import):
-                for alias in s.names:
-                    # `import torch.nn` binds `torch` just as `import torch` does.
-                    name, module = ((alias.asname, alias.name) if alias.asname
-                                    else (alias.name.split(".")[0], alias.name.split(".")[0]))
-                    bind(name, f"import {module}", s)
-                    modules[name] = module
-                continue
-            if isinstance(s, ast.ImportFrom):
-                source = "." * s.level + (s.module or "")
-                for alias in s.names:
-                    if alias.name == "*":
-                        star = True
-                        continue
-                    bind(alias.asname or alias.name, f"from {source} import {alias.name}", s)
-                    modules[alias.asname or alias.name] = f"{source}.{alias.name}"
-                continue
+    todo: list[ast.AST] = list(reversed(tree.body))
+    while todo:
+        s = todo.pop()
+        if isinstance(s, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            bind(s.name, s)
+        elif isinstance(s, ast.Import):
+            for alias in s.names:
+                # `import torch.nn` binds `torch` just as `import torch` does.
+                module = alias.name if alias.asname else alias.name.split(".")[0]
+                bind(alias.asname or module, f"import {module}")
+        elif isinstance(s, ast.ImportFrom):
+            source = "." * s.level + (s.module or "")
+            for alias in s.names:
+                star = star or alias.name == "*"
+                if alias.name != "*":
+                    bind(alias.asname or alias.name, f"from {source} import {alias.name}")
+        elif isinstance(s, ast.ExceptHandler):
+            if s.name:
+                bind(s.name, s)
+            todo.extend(reversed(s.body))
+        elif isinstance(s, ast.match_case):
             for name in _stored_names(s):
-                bind(name, ast.dump(s), s)
-            for field in _BODY_FIELDS:
-                for child in getattr(s, field, None) or []:
-                    if isinstance(child, ast.ExceptHandler):
-                        if child.name:
-                            bind(child.name, ast.dump(child), child)
-                        visit(child.body)
-                    elif isinstance(child, ast.match_case):
-                        for name in _stored_names(child):
-                            bind(name, ast.dump(child.pattern), child)
-                        visit(child.body)
-                    else:
-                        visit([child])
+                bind(name, s.pattern)
+            todo.extend(reversed(s.body))
+        else:
+            for name in _stored_names(s):
+                bind(name, s)
+            for field in reversed(_BODY_FIELDS):
+                todo.extend(reversed(getattr(s, field, None) or []))
+    return ModuleFacts({k: tuple(v) for k, v in nodes.items()}, star)
 
-    visit(tree.body)
-    return ModuleFacts({k: frozenset(v) for k, v in bindings.items()}, {k: tuple(v) for k, v in nodes.items()},
-                       modules, star)
+
+@dataclasses.dataclass(eq=False)
+class Scope:
+    """One Python scope of a source: the names it binds, and those of them that name a module (or an attribute of one,
+    e.g. `F` -> torch.nn.functional), whether by an import or by assignment from another such name."""
+    kind: str  # "module", "function", "class" or "comprehension"
+    parent: "Scope | None"
+    bound: set[str] = dataclasses.field(default_factory=set)
+    declared_global: set[str] = dataclasses.field(default_factory=set)
+    declared_nonlocal: set[str] = dataclasses.field(default_factory=set)
+    modules: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    @property
+    def module(self) -> "Scope":
+        scope = self
+        while scope.parent is not None:
+            scope = scope.parent
+        return scope
+
+    def owner(self, name: str) -> "Scope | None":
+        """The scope whose binding of `name` a reference here means, as Python resolves it; None: a builtin."""
+        scope: Scope | None = self
+        while scope is not None and scope.parent is not None:
+            if name in scope.declared_global:
+                break
+            if (name in scope.bound and name not in scope.declared_nonlocal
+                    and (scope is self or scope.kind != "class")):  # class bodies are not enclosing scopes
+                return scope
+            scope = scope.parent
+        module = self.module
+        return module if name in module.bound else None
+
+    def binding_scope(self, name: str) -> "Scope":
+        """Where an assignment to `name` here binds it."""
+        if name in self.declared_global:
+            return self.module
+        if name in self.declared_nonlocal and self.parent is not None:
+            return self.parent.owner(name) or self.module
+        return self
+
+
+def _parameters(args: ast.arguments) -> list[tuple[ast.arg, ast.expr | None]]:
+    """(parameter, its default or None) of a signature."""
+    positional = [*args.posonlyargs, *args.args]
+    defaults = [None] * (len(positional) - len(args.defaults)) + list(args.defaults)
+    extra = [a for a in (args.vararg, args.kwarg) if a is not None]
+    return [*zip(positional, defaults), *zip(args.kwonlyargs, args.kw_defaults), *((a, None) for a in extra)]
+
+
+def reference(node: ast.AST, scope: Scope) -> tuple[str | None, list[str]]:
+    """`F.normalize.x` -> ("F", ["normalize", "x"]), through subscripts ("[]"), `getattr(obj, "name")` and `vars(obj)`
+    (its "__dict__"); the result of any other call is a new object, not a name's: (None, path)."""
+    path: list[str] = []
+    while True:
+        if isinstance(node, ast.Attribute):
+            path.append(node.attr)
+            node = node.value
+        elif isinstance(node, ast.Subscript):
+            path.append("[]")
+            node = node.value
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and not node.keywords
+              and scope.owner(node.func.id) is None and (node.func.id, len(node.args)) in
+              {("getattr", 2), ("getattr", 3), ("vars", 1)}):
+            name = "__dict__" if node.func.id == "vars" else getattr(node.args[1], "value", None)
+            path.append(name if isinstance(name, str) else "?")
+            node = node.args[0]
+        elif isinstance(node, ast.Name):
+            return node.id, path[::-1]
+        else:
+            return None, path[::-1]
+
+
+def module_path(node: ast.AST, scope: Scope) -> str | None:
+    """The dotted module path `node` names in `scope` (`F.normalize` -> torch.nn.functional.normalize), or None."""
+    root, path = reference(node, scope)
+    owner = scope.owner(root) if root is not None else None
+    if owner is None or root not in owner.modules:
+        return None
+    return ".".join([owner.modules[root], *path])
+
+
+def analyse_scopes(tree: ast.Module) -> list[tuple[ast.AST, Scope]]:
+    """Every node of the tree with the scope it is evaluated in; each Scope knows its bindings and module aliases."""
+    module = Scope("module", None)
+    scopes, placed = [module], []
+    imported: list[tuple[Scope, str, str]] = []  # (scope, name, dotted module path)
+    assigned: list[tuple[Scope, ast.expr, Scope, str]] = []  # (scope of the value, value, scope of the name, name)
+    stack: list[tuple[ast.AST, Scope]] = [(tree, module)]
+
+    def push(nodes: Sequence[ast.AST | None], scope: Scope) -> None:
+        stack.extend((n, scope) for n in nodes if n is not None)
+
+    def new_scope(kind: str, parent: Scope) -> Scope:
+        scopes.append(Scope(kind, parent))
+        return scopes[-1]
+
+    while stack:
+        node, scope = stack.pop()
+        placed.append((node, scope))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            inner = new_scope("function", scope)
+            if not isinstance(node, ast.Lambda):
+                scope.bound.add(node.name)
+                push([*node.decorator_list, node.returns], scope)
+            for param, default in _parameters(node.args):
+                inner.bound.add(param.arg)
+                push([param.annotation, default], scope)
+                if default is not None:
+                    assigned.append((scope, default, inner, param.arg))
+            push(node.body if isinstance(node.body, list) else [node.body], inner)
+            continue
+        if isinstance(node, ast.ClassDef):
+            scope.bound.add(node.name)
+            push([*node.decorator_list, *node.bases, *node.keywords], scope)
+            push(node.body, new_scope("class", scope))
+            continue
+        if isinstance(node, _COMPREHENSIONS):
+            inner = new_scope("comprehension", scope)
+            push([node.generators[0].iter], scope)  # the first iterable is evaluated outside
+            for i, generator in enumerate(node.generators):
+                push([generator.target, *generator.ifs, *([generator.iter] if i else [])], inner)
+            push([node.key, node.value] if isinstance(node, ast.DictComp) else [node.elt], inner)
+            continue
+        if isinstance(node, ast.NamedExpr):  # binds in the nearest enclosing scope that is not a comprehension
+            target = scope
+            while target.kind == "comprehension" and target.parent is not None:
+                target = target.parent
+            target.bound.add(node.target.id)
+            assigned.append((scope, node.value, target, node.target.id))
+            push([node.value], scope)
+            continue
+        if isinstance(node, ast.Global):
+            scope.declared_global.update(node.names)
+        elif isinstance(node, ast.Nonlocal):
+            scope.declared_nonlocal.update(node.names)
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                top = alias.name.split(".")[0]
+                scope.bound.add(alias.asname or top)
+                imported.append((scope, alias.asname or top, alias.name if alias.asname else top))
+        elif isinstance(node, ast.ImportFrom):
+            source = "." * node.level + (node.module or "")
+            for alias in node.names:
+                if alias.name != "*":
+                    scope.bound.add(alias.asname or alias.name)
+                    imported.append((scope, alias.asname or alias.name, f"{source}.{alias.name}"))
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, (ast.Store, ast.Del)):
+            scope.bound.add(node.id)
+        elif isinstance(node, ast.ExceptHandler) and node.name:
+            scope.bound.add(node.name)
+        elif isinstance(node, (ast.MatchAs, ast.MatchStar)) and node.name:
+            scope.bound.add(node.name)
+        elif isinstance(node, ast.MatchMapping) and node.rest:
+            scope.bound.add(node.rest)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)) and node.value is not None:
+            for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                if isinstance(target, ast.Name):
+                    assigned.append((scope, node.value, scope, target.id))
+                elif (isinstance(target, (ast.Tuple, ast.List)) and isinstance(node.value, (ast.Tuple, ast.List))
+                      and len(target.elts) == len(node.value.elts)):
+                    assigned.extend((scope, v, scope, t.id) for t, v in zip(target.elts, node.value.elts)
+                                    if isinstance(t, ast.Name))
+        elif (isinstance(node, (ast.For, ast.AsyncFor)) and isinstance(node.target, ast.Name)
+              and isinstance(node.iter, (ast.Tuple, ast.List, ast.Set))):  # `for m in (F, np):` m is each of them
+            assigned.extend((scope, v, scope, node.target.id) for v in node.iter.elts)
+        push(list(ast.iter_child_nodes(node)), scope)
+
+    # Names declared global and bound in a function are module-level names too.
+    for scope in scopes:
+        module.bound |= scope.declared_global & scope.bound
+    # Module aliases spread along assignments (`g = F`, then `h = g`): a worklist, each name set once.
+    waiting: dict[tuple[int, str], list[tuple[list[str], Scope, str]]] = {}
+    for value_scope, value, name_scope, name in assigned:
+        root, path = reference(value, value_scope)
+        owner = value_scope.owner(root) if root is not None else None
+        if owner is not None:
+            waiting.setdefault((id(owner), root), []).append((path, name_scope.binding_scope(name), name))
+    ready: list[tuple[Scope, str]] = []
+    for scope, name, dotted in imported:
+        target = scope.binding_scope(name)
+        if name not in target.modules:
+            target.modules[name] = dotted
+            ready.append((target, name))
+    while ready:
+        scope, name = ready.pop()
+        for path, target, target_name in waiting.pop((id(scope), name), []):
+            if target_name not in target.modules:
+                target.modules[target_name] = ".".join([scope.modules[name], *path])
+                ready.append((target, target_name))
+    return placed
 
 
 def parse_source(source: str) -> ast.Module:
@@ -370,14 +616,14 @@ def parse_source(source: str) -> ast.Module:
 
 
 @functools.lru_cache(maxsize=4)
-def canonical_facts(canonical_source: str) -> tuple[ModuleFacts, frozenset[str]]:
-    """The canonical module's facts and the protected names: PINNED and, transitively, every module-level name
-    or builtin their definitions use."""
+def canonical_facts(canonical_source: str) -> tuple[dict[str, frozenset[str]], frozenset[str]]:
+    """The protected names, PINNED and, transitively, every module-level name or builtin their definitions use,
+    with how the canonical module binds each."""
     facts = module_facts(ast.parse(canonical_source))
-    missing = [name for name in PINNED if name not in facts.bindings]
+    missing = [name for name in PINNED if name not in facts.nodes]
     if missing:
         raise Refused(f"the canonical harness {ab.__file__} lacks the pinned definitions {', '.join(missing)}")
-    visible = set(facts.bindings) | set(dir(builtins)) | {"__file__", "__name__"}
+    visible = set(facts.nodes) | set(dir(builtins)) | {"__file__", "__name__"}
     protected: set[str] = set()
     todo = list(PINNED)
     while todo:
@@ -386,28 +632,67 @@ def canonical_facts(canonical_source: str) -> tuple[ModuleFacts, frozenset[str]]
             continue
         protected.add(name)
         for node in facts.nodes.get(name, ()):
-            if not isinstance(node, (ast.Import, ast.ImportFrom)):
+            if not isinstance(node, str):
                 todo.extend(n.id for n in ast.walk(node) if isinstance(n, ast.Name) and n.id in visible)
-    return facts, frozenset(protected)
+    return {name: facts.binding(name) for name in protected}, frozenset(protected)
 
 
-def _root_and_path(node: ast.AST) -> tuple[str | None, list[str]]:
-    """`F.normalize.x` -> ("F", ["normalize", "x"]); through subscripts and calls to the name they start from."""
-    path: list[str] = []
-    while True:
-        if isinstance(node, ast.Attribute):
-            path.insert(0, node.attr)
-            node = node.value
-        elif isinstance(node, ast.Subscript):
-            path.insert(0, "[]")
-            node = node.value
-        elif isinstance(node, ast.Call):
-            path.insert(0, "()")
-            node = node.func
-        elif isinstance(node, ast.Name):
-            return node.id, path
-        else:
-            return None, path
+def _patchable(dotted: str) -> bool:
+    return any(dotted.startswith(p) or dotted == p[:-1] for p in PATCHABLE_MODULES)
+
+
+def _store_problem(target: ast.AST, scope: Scope, protected: frozenset[str]) -> str | None:
+    """What a store into (or a mutating call on) `target` changes, if it is a module or a pinned object."""
+    root, path = reference(target, scope)
+    owner = scope.owner(root) if root is not None else None
+    if owner is None:
+        return None  # a call's result, or a builtin
+    if root in owner.modules:
+        dotted = ".".join([owner.modules[root], *path])
+        return None if _patchable(dotted) else f"patches {dotted} at runtime"
+    if owner.parent is None and root in protected:
+        return f"modifies the pinned {root} at runtime"
+    return None
+
+
+def _patch_problems(node: ast.AST, scope: Scope, protected: frozenset[str]) -> Iterator[str]:
+    if isinstance(node, (ast.Global, ast.Nonlocal)) and protected & set(node.names):
+        yield f"rebinds {', '.join(sorted(protected & set(node.names)))} through `global`"
+    elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
+        if node.id in DYNAMIC_NAMES and scope.owner(node.id) is None:
+            yield f"uses {node.id}, which can rewrite any definition"
+    elif isinstance(node, ast.Attribute):
+        # an object's own __dict__ (`self.__dict__`) is its business; a module's or a pinned object's is not
+        if node.attr in PATCH_ATTRIBUTES and (node.attr != "__dict__" or module_path(node.value, scope) is not None
+                                              or _store_problem(node.value, scope, protected)):
+            yield f"touches {node.attr}, which can rewrite any definition"
+        if isinstance(node.ctx, (ast.Store, ast.Del)):
+            yield from filter(None, [_store_problem(node, scope, protected)])
+        if node.attr == "modules" and module_path(node, scope) == "sys.modules":
+            yield "uses sys.modules, which can replace any module"
+    elif isinstance(node, ast.Subscript) and isinstance(node.ctx, (ast.Store, ast.Del)):
+        yield from filter(None, [_store_problem(node, scope, protected)])
+    elif isinstance(node, (ast.Import, ast.ImportFrom)):
+        names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+        banned = sorted({n.split(".")[0] for n in names} & BANNED_MODULES)
+        if banned:
+            yield f"imports {', '.join(banned)}, which can rewrite any definition"
+        if isinstance(node, ast.ImportFrom) and node.module == "sys" and any(a.name == "modules" for a in node.names):
+            yield "uses sys.modules, which can replace any module"
+    elif isinstance(node, ast.Call):
+        func = node.func
+        if isinstance(func, ast.Name) and scope.owner(func.id) is None:
+            if func.id in ("setattr", "delattr") and node.args:
+                name = node.args[1].value if len(node.args) > 1 and isinstance(node.args[1], ast.Constant) else "?"
+                target = ast.Attribute(value=node.args[0], attr=name if isinstance(name, str) else "?")
+                yield from filter(None, [_store_problem(target, scope, protected)])
+            elif func.id in ("locals", "vars") and not node.args and scope.kind in ("module", "class"):
+                yield f"uses {func.id}() where it is the module's namespace, which can rewrite any definition"
+        elif isinstance(func, ast.Attribute) and func.attr in MUTATING_METHODS:
+            receiver = func.value
+            # a module's own function named like a method (`np.sort(x)`, `heapq.heappop`) mutates nothing here
+            if not (isinstance(receiver, ast.Name) and module_path(receiver, scope) is not None):
+                yield from filter(None, [_store_problem(receiver, scope, protected)])
 
 
 @functools.lru_cache(maxsize=32)
@@ -416,48 +701,43 @@ def pinning_problems(canonical_source: str, source: str) -> tuple[str, ...]:
 
     Static, so it catches what can be seen in the source: a pinned definition edited or missing, a name it uses
     (helper, import, builtin) bound differently, rebinding through `global`, and the usual runtime patching (stores
-    into imported modules or pinned objects, exec/eval/globals, function internals). Comments and docstrings may
-    differ."""
-    facts, protected = canonical_facts(canonical_source)
-    tree = parse_source(source)
-    entry = module_facts(tree)
+    into modules, through any alias, or into pinned objects; exec/eval/globals; function internals). Comments and
+    docstrings may differ."""
+    canonical, protected = canonical_facts(canonical_source)
+    with _no_cyclic_gc():
+        tree = parse_source(source)
+        try:
+            entry = module_facts(tree)
+            placed = analyse_scopes(tree)
+        except (RecursionError, MemoryError):  # not expected of the iterative walks; refused, never a traceback
+            raise Broken("code.source is too deeply nested to analyse") from None
+        return _problems(canonical, protected, entry, placed)
+
+
+@contextlib.contextmanager
+def _no_cyclic_gc() -> Iterator[None]:
+    """A harness source is ~10^5 AST objects, none in a cycle: the collector's full passes over the whole heap
+    (torch's included) that they trigger cost more than the analysis (measured: 0.3-0.5 s spikes on a 0.05 s call)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _problems(canonical: dict[str, frozenset[str]], protected: frozenset[str], entry: ModuleFacts,
+              placed: list[tuple[ast.AST, Scope]]) -> tuple[str, ...]:
     problems = []
     pinned_first = sorted(protected, key=lambda n: (n not in PINNED, PINNED.index(n) if n in PINNED else 0, n))
-    differ = [n for n in pinned_first if entry.bindings.get(n, frozenset()) != facts.bindings.get(n, frozenset())]
+    differ = [n for n in pinned_first if entry.binding(n) != canonical[n]]
     if differ:
         problems.append(f"differs from the canonical harness in {', '.join(differ)}")
     if entry.star_import:
         problems.append("uses `from ... import *`, which can rebind pinned names")
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.Global, ast.Nonlocal)) and protected & set(node.names):
-            problems.append(f"rebinds {', '.join(sorted(protected & set(node.names)))} through `global`")
-        elif isinstance(node, ast.Name) and node.id in DYNAMIC_NAMES:
-            problems.append(f"uses {node.id}, which can rewrite any definition")
-        elif isinstance(node, ast.Attribute) and node.attr in PATCH_ATTRIBUTES:
-            problems.append(f"touches {node.attr}, which can rewrite any definition")
-        elif isinstance(node, (ast.Import, ast.ImportFrom)):
-            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
-            banned = sorted({n.split(".")[0] for n in names} & BANNED_MODULES)
-            if banned:
-                problems.append(f"imports {', '.join(banned)}, which can rewrite any definition")
-        targets: list[ast.AST] = []
-        if isinstance(node, (ast.Attribute, ast.Subscript)) and isinstance(node.ctx, (ast.Store, ast.Del)):
-            targets.append(node)
-        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("setattr", "delattr"):
-            targets.extend(node.args[:1])
-        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-              and node.func.attr in MUTATING_METHODS):
-            targets.append(node.func.value)
-            if isinstance(node.func.value, ast.Name) and node.func.value.id in entry.modules:
-                targets.pop()  # a module function named like a method (e.g. `heapq.heappop`) mutates nothing here
-        for target in targets:
-            root, path = _root_and_path(target)
-            if root in entry.modules:
-                dotted = ".".join([entry.modules[root], *path])
-                if not any(dotted.startswith(p) or dotted == p[:-1] for p in PATCHABLE_MODULES):
-                    problems.append(f"patches {dotted} at runtime")
-            elif root in protected:
-                problems.append(f"modifies the pinned {root} at runtime")
+    for node, scope in placed:
+        problems.extend(_patch_problems(node, scope, protected))
     return tuple(dict.fromkeys(problems))  # each problem once, in order
 
 
@@ -636,6 +916,18 @@ def gpu_model(name: str) -> str:
     return " ".join(name.split())
 
 
+def smi_gpu_names(smi: str) -> list[str]:
+    """The GPU names of an nvidia-smi table: rows `|   0  NAME   On  | ...`. Parsed line by line without a regex, so
+    any text (megabytes of spaces included) is read in linear time."""
+    names = []
+    for line in smi.splitlines():
+        cell, bar, _rest = line[1:].partition("|")
+        words = cell.split() if line.startswith("|") and bar else []
+        if len(words) >= 3 and words[0].isascii() and words[0].isdigit() and words[-1] in ("On", "Off"):
+            names.append(" ".join(words[1:-1]))
+    return names
+
+
 def _smi_lists(smi_name: str, name: str) -> bool:
     smi, real = gpu_model(smi_name).casefold(), gpu_model(name).casefold()
     # nvidia-smi shortens long names to fit its table, ending them with "..."
@@ -658,7 +950,7 @@ def rule_hardware(log: dict[str, Any]) -> None:
     smi = env["nvidia_smi"]
     if not isinstance(smi, str):
         raise Broken("environment.nvidia_smi is missing: a GPU run logs the nvidia-smi table")
-    listed = SMI_GPU_ROW.findall(smi)
+    listed = smi_gpu_names(smi)
     if not any(_smi_lists(row, env["gpu_name"]) for row in listed):
         raise Broken(f"GPU {env['gpu_name']!r} is not among the GPUs nvidia-smi lists ({_short(listed)})")
     if not 1 <= env["gpu_count"] <= len(listed):
@@ -683,7 +975,7 @@ def parse_argv(argv: list[str]) -> tuple[dict[str, str], str | None, str | None]
     while i < len(argv):
         token = argv[i]
         name, eq, value = token.partition("=")
-        if not re.fullmatch(r"--[a-z][a-z0-9-]*", name):
+        if not FLAG_PATTERN.fullmatch(name):
             raise Broken(f"argv item {_short(token)} is not a --field flag")
         if not eq:
             if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
@@ -708,10 +1000,8 @@ def _flag_value(text: str, like: Any) -> Any:
         return BOOL_WORDS[text.lower()]
     if isinstance(like, str):
         return text
-    if len(text) > 40:  # a number: int() of thousands of digits is slow, and no field takes such a value
-        raise ValueError(text)
     if isinstance(like, int):
-        return int(text)  # as argparse's type=int; the comparison below bounds it
+        return int(text)  # as argparse's type=int (Python refuses over 4,300 digits); the comparison bounds it
     if isinstance(like, float):
         return float(text)
     raise ValueError(text)
@@ -885,6 +1175,25 @@ def rule_untimed_seconds(log: dict[str, Any]) -> None:
                      f"({floor:.3f})")
 
 
+def rule_model_artefact(log: dict[str, Any]) -> None:
+    """The run saved its trained model, which `verify` recomputes the accuracy from; the record keeps its sha256."""
+    save_model = log["config"].get("save_model")
+    if save_model not in MODEL_FORMATS:
+        raise Broken(f"config.save_model is {_short(save_model)}: a run that saves no model (--save-model false, or "
+                     "a harness without the artefact) can never become a record")
+    model = log.get("model")
+    if not isinstance(model, dict):
+        raise Broken(f"the log names no saved model (model is {_short(model)}): the run did not finish saving it")
+    file, kind, sha256, size = (_get(model, key, kinds) for key, kinds in (("file", str), ("format", str),
+                                                                          ("sha256", str), ("bytes", int)))
+    if file != f"{log['run_id']}.model.pt":
+        raise Broken(f"model.file {_short(file)} is not {log['run_id']}.model.pt, the file the harness writes")
+    if kind != save_model:
+        raise Broken(f"model.format {_short(kind)} is not config.save_model {save_model!r}")
+    if not SHA256_PATTERN.fullmatch(sha256) or size < 1:
+        raise Broken(f"model.sha256 {_short(sha256)} and model.bytes {size} are not a file's sha256 and size")
+
+
 Rule = Callable[[dict[str, Any]], None]
 RULES: tuple[tuple[str, Rule], ...] = (
     ("source hash", rule_source_hash),
@@ -902,15 +1211,13 @@ RULES: tuple[tuple[str, Rule], ...] = (
     ("stop rule", rule_stop_rule),
     ("timed seconds", rule_timed_seconds),
     ("untimed seconds", rule_untimed_seconds),
+    ("model artefact", rule_model_artefact),
 )
 
 
-def _digest(values: Sequence[Any]) -> str:
-    return hashlib.sha256(json.dumps(list(values)).encode()).hexdigest()[:16]
-
-
 def validate_log(log: dict[str, Any] | str | os.PathLike[str], file: str | None = None) -> Run:
-    """Check one run log against every rule; return its summary or raise Refused naming the file and the rule.
+    """Check one run log against every rule; return its summary or raise Refused naming the file and every rule it
+    breaks (the first in `str()`, all in `lines()`).
 
     `log` is a parsed log (dict) or the path of a log file; a path is read with the size limit and its file name
     must be the run_id. `file` names the log in messages (default: the path, or the run_id)."""
@@ -921,23 +1228,35 @@ def validate_log(log: dict[str, Any] | str | os.PathLike[str], file: str | None 
         check_schema(log)
     except Broken as e:
         raise Refused(f"log schema: {e}", file) from None
+    problems = []
     for name, rule in RULES:
         try:
             rule(log)
         except Broken as e:
-            raise Refused(f"{name}: {e}", file) from None
+            problems.append(Refused(f"{name}: {e}", file))
+        except (ArithmeticError, LookupError, TypeError, ValueError, RecursionError) as e:
+            # a rule may rely on what an earlier rule refused: that log is refused already
+            problems.append(Refused(f"{name}: cannot be checked on this log ({type(e).__name__})", file))
+    if problems:
+        raise Refused.of(problems)
     rows, env = log["epochs"], log["environment"]
+    trained = [row for row in rows if row["epoch"] > 0]
     checks = [row["knn_pct"] for row in rows if row["knn_pct"] is not None]
-    # A run is its content: the same epoch times or the same losses are the same run under any run_id.
-    identity = frozenset({f"run_id {log['run_id']}", f"epoch_seconds {_digest([r['epoch_seconds'] for r in rows])}",
-                          f"losses {_digest([r['loss'] for r in rows])}"})
+    epoch_seconds = tuple(float(row["epoch_seconds"]) for row in trained)
+    saved = log.get("model") if isinstance(log.get("model"), dict) else {}  # the model rule made it a dict
+    model = {key: saved.get(key) for key in ("file", "format", "sha256", "bytes")}
     return Run(file=f"{log['run_id']}.json", run_id=log["run_id"], created_utc=log["created_utc"],
                seed=log["config"]["seed"], epochs_run=rows[-1]["epoch"],
                # from the rows, the evidence; the rules made the stated result equal to them
                time_to_target_seconds=math.fsum(row["epoch_seconds"] for row in rows),
                knn_at_stop_pct=float(checks[-1] if checks else math.nan), gpu_model=gpu_model(env["gpu_name"]),
                world_size=env["world_size"], code_sha256=log["code"]["sha256"], config=log["config"],
-               torch_version=env["torch"], cuda_version=str(env["cuda"]), identity=identity)
+               torch_version=env["torch"], cuda_version=str(env["cuda"]),
+               model=model,
+               epoch_seconds=epoch_seconds,
+               losses=tuple(math.nan if row["loss"] is None else float(row["loss"]) for row in trained),
+               identity=frozenset({f"run_id {log['run_id']}", f"model {model['sha256']}",
+                                   f"epoch_seconds {hashlib.sha256(repr(epoch_seconds).encode()).hexdigest()}"}))
 
 
 def load_log_file(path: Path, follow_symlinks: bool) -> tuple[bytes, Run]:
@@ -958,38 +1277,53 @@ def load_log_file(path: Path, follow_symlinks: bool) -> tuple[bytes, Run]:
 ########################################
 #  Rules across runs and across records
 
+def _agree(a: Sequence[float], b: Sequence[float], same: Callable[[float, float], bool]) -> bool:
+    # the first values differ for nearly every pair of distinct runs: all() stops there
+    return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+
+
 def same_run(a: Run, b: Run) -> str | None:
-    """What shows that two logs are one run (shared run_id, epoch times or losses), or None."""
-    shared = sorted(a.identity & b.identity)
-    return " and ".join(s.split(" ")[0] for s in shared) or None
+    """What shows that two logs are one run, or None: the same run_id, saved model or epoch times, or the same
+    losses within the harness's printed precision. A new id or seed does not make a new run. (Epoch times are not
+    compared with a tolerance: a GPU's epoch times can agree within a millisecond by chance.)"""
+    shared = {item.split(" ")[0] for item in a.identity & b.identity}
+    if _agree(a.losses, b.losses, lambda x, y: abs(x - y) <= LOSS_TOLERANCE):
+        shared.add("losses")
+    return " and ".join(name for name in ("run_id", "model", "epoch_seconds", "losses") if name in shared) or None
 
 
 def validate_runs(runs: Sequence[Run]) -> None:
-    """Rules across the runs of one record: enough runs, one code, one config, one hardware, distinct runs."""
+    """Rules across the runs of one record: enough runs, one code, one config, one hardware, distinct runs. Raises
+    Refused listing every problem."""
+    problems = []
     if len(runs) < MIN_RUNS:
-        raise Refused(f"runs: a record needs at least {MIN_RUNS} runs, got {len(runs)}")
+        problems.append(Refused(f"runs: a record needs at least {MIN_RUNS} runs, got {len(runs)}"))
     ref = runs[0]
     for run in runs[1:]:
         if run.code_sha256 != ref.code_sha256:
-            raise Refused(f"one code: sha256 {run.code_sha256[:12]} differs from {ref.file}'s {ref.code_sha256[:12]}",
-                          run.file)
+            problems.append(Refused(f"one code: sha256 {run.code_sha256[:12]} differs from {ref.file}'s "
+                                    f"{ref.code_sha256[:12]}", run.file))
         keys = sorted((set(run.config) | set(ref.config)) - PER_RUN_CONFIG_KEYS)
         differ = [k for k in keys if not _same_value(run.config.get(k), ref.config.get(k))
                   or (k in run.config) != (k in ref.config)]
         if differ:
             diffs = ", ".join(f"{k}={_short(run.config.get(k))} vs {_short(ref.config.get(k))}" for k in differ)
-            raise Refused(f"one config: differs from {ref.file}'s: {diffs}", run.file)
+            problems.append(Refused(f"one config: differs from {ref.file}'s: {diffs}", run.file))
         if run.hardware.casefold() != ref.hardware.casefold():
-            raise Refused(f"one hardware: {run.hardware!r} differs from {ref.file}'s {ref.hardware!r}", run.file)
+            problems.append(Refused(f"one hardware: {run.hardware!r} differs from {ref.file}'s {ref.hardware!r}",
+                                    run.file))
     seeds = [r.seed for r in runs]
     dupes = sorted({s for s in seeds if seeds.count(s) > 1})
     if dupes:
-        raise Refused(f"distinct runs: seed {', '.join(map(str, dupes))} appears twice")
+        problems.append(Refused(f"distinct runs: seed {', '.join(map(str, dupes))} appears twice"))
     for i, a in enumerate(runs):
         for b in runs[i + 1:]:
             evidence = same_run(a, b) or (a.file == b.file and "file name")
             if evidence:
-                raise Refused(f"distinct runs: {b.file} is the same run as {a.file} (same {evidence})", b.file)
+                problems.append(Refused(f"distinct runs: {b.file} is the same run as {a.file} (same {evidence})",
+                                        b.file))
+    if problems:
+        raise Refused.of(problems)
 
 
 def hardware_key(record: Record) -> str:
@@ -1043,11 +1377,180 @@ def record_problems(records: Sequence[Record]) -> list[str]:
     return problems
 
 
+def today_utc() -> datetime.date:
+    return datetime.datetime.now(datetime.UTC).date()
+
+
 def date_problem(date: str, runs: Sequence[Run]) -> str | None:
+    """A record may be dated the day its latest run was made (UTC), or later."""
     latest = max(runs, key=lambda r: r.created_utc)
     if latest.created_utc[:10] > date:
         return f"record date {date} is before run {latest.run_id} was made ({latest.created_utc})"
     return None
+
+
+def date_problems(date: str, runs: Sequence[Run], today: datetime.date) -> list[str]:
+    """A record's date: a real YYYY-MM-DD, not after today (UTC, with a day's grace for time zones: a record dated
+    ahead would refuse every later record on its hardware), and not before any of its runs was made."""
+    try:
+        if not DATE_PATTERN.fullmatch(date):
+            raise ValueError(date)
+        day = datetime.date.fromisoformat(date)
+    except ValueError:
+        return [f"date {_short(date)} is not a real date as YYYY-MM-DD"]
+    problems = []
+    if day > today + datetime.timedelta(days=1):
+        problems.append(f"date {date} is in the future (today is {today.isoformat()} UTC)")
+    return problems + [p for p in [date_problem(date, runs)] if p]
+
+
+########################################
+#  Verification: the accuracy recomputed from the saved models
+
+# What `verify` stores per record (the inputs of the "verification" object in record.json; record.json adds what
+# follows from them and from the logs).
+VERIFICATION_FIELDS = (("device", str), ("torch", str), ("tolerance_pct", NUMBER), ("batch_tolerance", NUMBER),
+                       ("runs", list))
+VERIFIED_RUN_FIELDS = (("log", str), ("model_sha256", str), ("reported_knn_pct", NUMBER),
+                       ("recomputed_knn_pct", NUMBER), ("numerics", str), ("batch_max_deviation", NUMBER),
+                       ("time_floor", dict))
+TIME_FLOOR_FIELDS = (("gpu", str), ("gpu_known", bool), ("peak_tflops", NUMBER), ("world_size", int),
+                     ("n_views", int), ("trained_images_per_epoch", int), ("forward_flops_32px", int),
+                     ("fastest_epoch", int), ("fastest_epoch_seconds", NUMBER), ("fastest_floor_seconds", NUMBER))
+
+
+def verification_of(results: Sequence[verify.Verification]) -> dict[str, Any]:
+    """The verification object a record stores, from verify's results for its runs (in the record's order)."""
+    first = results[0]
+    return {
+        "device": first.device, "torch": first.torch_version, "tolerance_pct": first.tolerance_pct,
+        "batch_tolerance": first.batch_check.tolerance,
+        "runs": [{"log": f"{v.run_id}.json", "model_sha256": v.model_sha256, "reported_knn_pct": v.logged_knn_pct,
+                  "recomputed_knn_pct": v.recomputed_knn_pct, "numerics": v.numerics,
+                  "batch_max_deviation": v.batch_check.max_relative_deviation,
+                  "time_floor": {key: getattr(v.time_floor, key) for key, _ in TIME_FLOOR_FIELDS}} for v in results],
+    }
+
+
+def trained_images_per_epoch(config: dict[str, Any]) -> int:
+    n_train = config["train_subset"] or TRAIN_IMAGES
+    return n_train - (n_train % config["batch_size"] if config.get("drop_last") else 0)
+
+
+def floor_seconds(floor: dict[str, Any], px: int) -> float:
+    """An epoch's least possible time at view size px: its training FLOPs (images x views x 3 forward passes of the
+    saved model) at the GPUs' peak rate. Below 32 px the 32 px count is scaled by area, a lower bound (stride-2 stages
+    round their outputs up), so this floor never exceeds the one verify applied."""
+    return (floor["trained_images_per_epoch"] * floor["n_views"] * 3 * floor["forward_flops_32px"]
+            / (floor["peak_tflops"] * 1e12 * floor["world_size"])) * (px / 32) ** 2
+
+
+def view_sizes(run: Run) -> list[int]:
+    """The view size of each trained epoch (progressive resolution: low_res_px for the first low_res_epochs)."""
+    views = types.SimpleNamespace(low_res_px=run.config.get("low_res_px", 32),
+                                  low_res_epochs=run.config.get("low_res_epochs", 0))
+    return [ab.view_px(views, epoch) for epoch in range(len(run.epoch_seconds))]
+
+
+def _floor_problems(run: Run, floor: dict[str, Any]) -> list[str]:
+    peak, known = verify.gpu_peak(run.gpu_model)
+    expected = {"gpu": peak.model, "gpu_known": known, "peak_tflops": peak.tflops, "world_size": run.world_size,
+                "n_views": run.config.get("n_views", 2),
+                "trained_images_per_epoch": trained_images_per_epoch(run.config)}
+    differ = [f"{key} {_short(floor[key])} (expected {_short(value)})" for key, value in expected.items()
+              if not _same_value(floor[key], value)]
+    if differ:
+        return [f"time floor of {run.file}: {', '.join(differ)}; the GPU peak table or the run changed: verify it "
+                "again"]
+    epoch = floor["fastest_epoch"]
+    logged = run.epoch_seconds[epoch - 1] if 1 <= epoch <= len(run.epoch_seconds) else None
+    if logged is None or not close(floor["fastest_epoch_seconds"], logged):
+        return [f"time floor of {run.file}: epoch {epoch} took {floor['fastest_epoch_seconds']} s by the "
+                f"verification, {logged} s by the log"]
+    if not floor["forward_flops_32px"] > 0 or not floor["fastest_floor_seconds"] > 0:
+        return [f"time floor of {run.file}: no FLOP count"]
+    floors = [floor_seconds(floor, px) for px in view_sizes(run)]
+    floors[epoch - 1] = max(floors[epoch - 1], floor["fastest_floor_seconds"])  # verify's own count for that epoch
+    for e, (seconds, least) in enumerate(zip(run.epoch_seconds, floors), start=1):
+        if seconds < least:
+            return [f"time floor of {run.file}: epoch {e} took {seconds:.4g} s, less than the {least:.4g} s its "
+                    f"training FLOPs need at the {floor['gpu']} peak of {floor['peak_tflops']:g} TFLOPS: physically "
+                    "impossible"]
+    return []
+
+
+def verification_problems(verification: Any, runs: Sequence[Run]) -> list[str]:
+    """Whether a stored verification holds for these runs: the same logs and models, each recomputed accuracy within
+    the tolerance of the logged one, batch-independent features, and no epoch faster than its FLOP floor. What the
+    models gave cannot be recomputed without them; everything that follows from it and the logs is checked here."""
+    try:
+        fields = {key: _get(verification, key, kinds) for key, kinds in VERIFICATION_FIELDS}
+        entries = [{key: _get(entry, key, kinds) for key, kinds in VERIFIED_RUN_FIELDS} for entry in fields["runs"]]
+        for entry in entries:
+            entry["time_floor"] = {key: _get(entry["time_floor"], key, kinds) for key, kinds in TIME_FLOOR_FIELDS}
+    except Broken as e:
+        return [f"verification: {e}"]
+    if not (GPU_NAME_PATTERN.fullmatch(fields["device"]) and VERSION_PATTERN.fullmatch(fields["torch"])):
+        return [f"verification: device {_short(fields['device'])} or torch {_short(fields['torch'])} is not a "
+                "plain name"]
+    if not 0 <= fields["tolerance_pct"] <= verify.ACCURACY_TOLERANCE_PCT or not (
+            0 < fields["batch_tolerance"] <= verify.BATCH_TOLERANCE):
+        return [f"verification: tolerances {fields['tolerance_pct']} points and {fields['batch_tolerance']} are not "
+                f"within verify's ({verify.ACCURACY_TOLERANCE_PCT} and {verify.BATCH_TOLERANCE})"]
+    if [entry["log"] for entry in entries] != [run.file for run in runs]:
+        return [f"verification: lists {_short([entry['log'] for entry in entries])}, not the record's logs"]
+    problems = []
+    for run, entry in zip(runs, entries):
+        if not GPU_NAME_PATTERN.fullmatch(entry["numerics"]):
+            problems.append(f"verification of {run.file}: numerics {_short(entry['numerics'])} is not a plain name")
+        if entry["model_sha256"] != run.model["sha256"]:
+            problems.append(f"verification of {run.file}: model sha256 {_short(entry['model_sha256'])} is not the "
+                            f"logged model's {run.model['sha256']}")
+        if entry["reported_knn_pct"] != run.knn_at_stop_pct:
+            problems.append(f"verification of {run.file}: reported kNN {entry['reported_knn_pct']} is not the log's "
+                            f"{run.knn_at_stop_pct}")
+        difference = entry["recomputed_knn_pct"] - run.knn_at_stop_pct
+        if not 0 <= entry["recomputed_knn_pct"] <= 100 or abs(difference) > fields["tolerance_pct"] + 1e-9:
+            problems.append(f"verification of {run.file}: the saved model gives {entry['recomputed_knn_pct']} %, the "
+                            f"log says {run.knn_at_stop_pct} % (tolerance {fields['tolerance_pct']} points)")
+        if not 0 <= entry["batch_max_deviation"] <= fields["batch_tolerance"]:
+            problems.append(f"verification of {run.file}: features depend on the batch (deviation "
+                            f"{entry['batch_max_deviation']:.3g} > {fields['batch_tolerance']:g})")
+        problems += _floor_problems(run, entry["time_floor"])
+    return problems
+
+
+def verification_json(verification: dict[str, Any], runs: Sequence[Run]) -> dict[str, Any]:
+    """The stored verification with what follows from it: each run's difference, the floor of an epoch at each view
+    size it trained at, and the margin of its fastest epoch (how many times its floor it took)."""
+    out = {key: verification[key] for key, _ in VERIFICATION_FIELDS if key != "runs"}
+    out["runs"] = []
+    for run, entry in zip(runs, verification["runs"]):
+        floor = {key: entry["time_floor"][key] for key, _ in TIME_FLOOR_FIELDS}
+        floor.update(margin=floor["fastest_epoch_seconds"] / floor["fastest_floor_seconds"],
+                     epoch_floor_seconds={str(px): floor_seconds(floor, px) for px in sorted(set(view_sizes(run)))})
+        out["runs"].append(dict({key: entry[key] for key, _ in VERIFIED_RUN_FIELDS}, time_floor=floor,
+                                difference_pct=entry["recomputed_knn_pct"] - entry["reported_knn_pct"]))
+    out["least_floor_margin"] = min(entry["time_floor"]["margin"] for entry in out["runs"])
+    return out
+
+
+def recompute(logs: Sequence[dict[str, Any]], models_dir: Path, data_dir: str,
+              device: str) -> list[verify.Verification]:
+    """verify's recomputation of each run (one data load for all); Refused listing every run it refuses."""
+    try:
+        data = verify.load_data(data_dir, ab.resolve_device(dataclasses.replace(ab.Config(), device=device)))
+    except ab.HarnessError as e:
+        raise Refused(f"verify: {e}") from None
+    results, problems = [], []
+    for log in logs:
+        try:
+            results.append(verify.verify_run(log, data=data, models_dir=str(models_dir), require_official=True))
+        except ab.HarnessError as e:
+            problems.append(Refused(f"verify: {e}", f"{log['run_id']}.json"))
+    if problems:
+        raise Refused.of(problems)
+    return results
 
 
 ########################################
@@ -1071,7 +1574,7 @@ def scan_records(records_dir: Path) -> tuple[list[Path], list[str]]:
     return folders, problems
 
 
-def _meta_field(meta: dict[str, Any], key: str, kind: type) -> Any:
+def _meta_field(meta: dict[str, Any], key: str, kind: Any) -> Any:
     try:
         return _get(meta, key, kind)
     except Broken as e:
@@ -1079,7 +1582,8 @@ def _meta_field(meta: dict[str, Any], key: str, kind: type) -> Any:
 
 
 def load_record(folder: Path) -> Record:
-    """Read record.json for what the submitter chose (name, date, description, logs) and re-validate the logs."""
+    """Read record.json for what the submitter chose (name, date, description, logs) and what `verify` recomputed,
+    and check all of it as `add` and `verify` did: the logs, the date, the description, the verification."""
     where = str(folder)
     try:
         meta = parse_json(read_bounded(folder / "record.json", MAX_RECORD_JSON_BYTES, follow_symlinks=False))
@@ -1090,8 +1594,12 @@ def load_record(folder: Path) -> Record:
         raise Refused("record.json is not a JSON object", where)
     name, date = _meta_field(meta, "name", str), _meta_field(meta, "date", str)
     description, logs = _meta_field(meta, "description", str), _meta_field(meta, "logs", list)
+    verification = _meta_field(meta, "verification", (dict, NONE))
     if not (NAME_PATTERN.fullmatch(name) and DATE_PATTERN.fullmatch(date)) or folder.name != f"{date}_{name}":
         raise Refused(f"record folder: the name does not match record.json date and name ({date}_{name})", where)
+    problem = description_problem(description)
+    if problem:
+        raise Refused(f"record.json: {problem}", where)
     if not all(isinstance(f, str) and RUN_ID_PATTERN.fullmatch(f) and f.endswith(".json") for f in logs) or (
             len(set(logs)) != len(logs)) or set(logs) & {*GENERATED_FILES, SUBMITTER_FILE}:
         raise Refused(f"record.json: logs {_short(logs)} are not distinct plain .json file names", where)
@@ -1104,15 +1612,25 @@ def load_record(folder: Path) -> Record:
                           where)
     if not (folder / SUBMITTER_FILE).is_file():
         raise Refused(f"{SUBMITTER_FILE} is missing: the submitter's note is part of a record", where)
-    runs = [load_log_file(folder / log_name, follow_symlinks=False)[1] for log_name in logs]
+    loaded, problems = [], []
+    for log_name in logs:
+        try:
+            loaded.append(load_log_file(folder / log_name, follow_symlinks=False)[1])
+        except Refused as e:
+            problems.append(e)
+    if problems:
+        raise Refused.of(problems)
     try:
-        validate_runs(runs)
+        validate_runs(loaded)
     except Refused as e:
-        raise Refused(str(e), f"{where}/{e.file}" if e.file else where) from None
-    problem = date_problem(date, runs)
-    if problem:
-        raise Refused(problem, where)
-    return Record(folder=folder, name=name, date=date, description=description, runs=tuple(runs))
+        raise Refused.of([Refused(str(p), f"{where}/{p.file}" if p.file else where) for p in e.each()]) from None
+    problems = [Refused(p, where) for p in date_problems(date, loaded, today_utc())]
+    if verification is not None:
+        problems += [Refused(p, where) for p in verification_problems(verification, loaded)]
+    if problems:
+        raise Refused.of(problems)
+    return Record(folder=folder, name=name, date=date, description=description, runs=tuple(loaded),
+                  verification=verification)
 
 
 def load_records(records_dir: Path) -> list[Record]:
@@ -1146,15 +1664,17 @@ def format_p(p: float) -> str:
 
 
 def markdown_cell(text: str) -> str:
-    """Any text as one table cell: printable ASCII on one line, '|' escaped. `add` refuses descriptions that need
-    this; it keeps records written before that rule (or edited by hand) from breaking leaderboard.md."""
+    """Any text as one table cell: printable ASCII on one line, '|' escaped. `add` and `check` refuse descriptions
+    that need this; it keeps a hand-edited record.json from breaking leaderboard.md before `check` reports it."""
     printable = "".join(c if " " <= c <= "~" else " " for c in text)
     return " ".join(printable.split()).replace("\\", "\\\\").replace("|", "\\|")
 
 
 def record_json(record: Record, records: Sequence[Record]) -> str:
     time_mean, time_std = stats.summarize(record.times)
-    acc_mean, acc_std = stats.summarize(record.accs)
+    reported_mean, reported_std = stats.summarize(record.reported_accs)
+    recomputed = record.recomputed_accs
+    acc_mean, acc_std = stats.summarize(recomputed) if recomputed else (None, None)
     previous = previous_record(record, records)
     summary = {
         "name": record.name,
@@ -1167,39 +1687,56 @@ def record_json(record: Record, records: Sequence[Record]) -> str:
         "target_pct": TARGET_PCT,
         "time_mean_seconds": time_mean,
         "time_std_seconds": time_std,
-        "knn_mean_pct": acc_mean,
+        "verified": recomputed is not None,
+        "knn_mean_pct": acc_mean,  # recomputed from the saved models; null until verified
         "knn_std_pct": acc_std,
-        "p_value_knn_gt_target": stats.one_sided_ttest_ge(record.accs, TARGET_PCT),
+        "p_value_knn_gt_target": stats.one_sided_ttest_ge(recomputed, TARGET_PCT) if recomputed else None,
+        "reported_knn_mean_pct": reported_mean,  # what the runs' own processes computed
+        "reported_knn_std_pct": reported_std,
         "code_sha256": record.runs[0].code_sha256,
         "previous_record": previous.folder.name if previous else None,
         "logs": [r.file for r in record.runs],
+        "models": [dict(log=r.file, **r.model) for r in record.runs],
+        "verification": verification_json(record.verification, record.runs) if record.verification else None,
     }
     return json.dumps(summary, indent=2) + "\n"
 
 
 def statistics_md(record: Record, records: Sequence[Record]) -> str:
     time_mean, time_std = stats.summarize(record.times)
-    acc_mean, acc_std = stats.summarize(record.accs)
-    p = stats.one_sided_ttest_ge(record.accs, TARGET_PCT)
+    accs = record.recomputed_accs or record.reported_accs
+    acc_mean, acc_std = stats.summarize(accs)
+    p = stats.one_sided_ttest_ge(accs, TARGET_PCT)
     versions = sorted({f"torch {r.torch_version}, CUDA {r.cuda_version}" for r in record.runs})
+    verification = verification_json(record.verification, record.runs) if record.verification else None
     lines = [
         f"# Statistics: {record.name} ({record.date})",
         "",
-        ("Generated by `python tools/leaderboard.py add` from the run logs in this folder; "
-         "`python tools/leaderboard.py check` fails if it no longer matches them. Do not edit."),
+        ("Generated by `python tools/leaderboard.py` from the run logs in this folder and the verification in "
+         "record.json; `python tools/leaderboard.py check` fails if it no longer matches them. Do not edit."),
         "",
         f"- Hardware: {record.hardware}",
         f"- Code: sha256 `{record.runs[0].code_sha256}`",
         f"- Versions: {'; '.join(versions)}",
         f"- Target: kNN k={KNN_K} test accuracy >= {TARGET_PCT} %",
+        (f"- Verified: yes, the accuracy recomputed from the saved models by `python tools/leaderboard.py verify` on "
+         f"{verification['device']} (torch {verification['torch']})" if verification else
+         "- Verified: **no**. The accuracy below is what the runs reported, not yet recomputed from their saved "
+         "models (`python tools/leaderboard.py verify`)"),
         "",
         "## Runs",
         "",
-        "| Log | Seed | Epochs run | Time to target (s) | kNN at stop (%) |",
-        "|---|---:|---:|---:|---:|",
+        "| Log | Seed | Epochs run | Time to target (s) | kNN at stop, reported (%) | kNN recomputed (%) "
+        "| Fastest epoch vs FLOP floor | Model sha256 |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
     ]
-    lines += [f"| {r.file} | {r.seed} | {r.epochs_run} | {r.time_to_target_seconds:.3f} | {r.knn_at_stop_pct:.2f} |"
-              for r in record.runs]
+    for i, r in enumerate(record.runs):
+        entry = verification["runs"][i] if verification else None
+        recomputed = f"{entry['recomputed_knn_pct']:.2f}" if entry else "not verified"
+        margin = f"{entry['time_floor']['margin']:.1f}x" if entry else "not verified"
+        lines.append(f"| {r.file} | {r.seed} | {r.epochs_run} | {r.time_to_target_seconds:.3f} "
+                     f"| {r.knn_at_stop_pct:.2f} | {recomputed} | {margin} | `{r.model['sha256'][:16]}` |")
+    what = "recomputed" if verification else "reported, not verified"
     lines += [
         "",
         "## Summary",
@@ -1207,14 +1744,36 @@ def statistics_md(record: Record, records: Sequence[Record]) -> str:
         "| | Mean | Std | n |",
         "|---|---:|---:|---:|",
         f"| Time to target (s) | {time_mean:.3f} | {time_std:.3f} | {len(record.runs)} |",
-        f"| kNN at stop (%) | {acc_mean:.3f} | {acc_std:.3f} | {len(record.runs)} |",
+        f"| kNN at stop, {what} (%) | {acc_mean:.3f} | {acc_std:.3f} | {len(record.runs)} |",
         "",
-        (f"One-sided one-sample t-test of H0: mean kNN accuracy at stop <= {TARGET_PCT} % against "
+        (f"One-sided one-sample t-test of H0: mean kNN accuracy at stop ({what}) <= {TARGET_PCT} % against "
          f"H1: mean > {TARGET_PCT} % (df = {len(record.runs) - 1}): p = {format_p(p)}."),
         "",
-        "## Versus the previous record on this hardware",
-        "",
     ]
+    if verification:
+        floor = verification["runs"][0]["time_floor"]
+        lines += [
+            "## Verification",
+            "",
+            (f"Each run's kNN at stop was recomputed in a fresh process with the canonical harness's data loading, "
+             f"feature extraction and kNN, from the saved model whose sha256 the log names, on "
+             f"{verification['device']} with torch {verification['torch']} (numerics: "
+             f"{', '.join(sorted({e['numerics'] for e in verification['runs']}))}): within "
+             f"{verification['tolerance_pct']:g} "
+             f"points of the logged value (largest difference "
+             f"{max(abs(e['difference_pct']) for e in verification['runs']):.2f}). Features computed in other "
+             f"batches differ by at most {max(e['batch_max_deviation'] for e in verification['runs']):.1e} of their "
+             f"norm (tolerance {verification['batch_tolerance']:g})."),
+            "",
+            (f"FLOP floor: an epoch trains {floor['trained_images_per_epoch']:,} images x {floor['n_views']} views x 3 "
+             f"forward passes of {floor['forward_flops_32px']:,} FLOPs (32 px) on {floor['world_size']} x "
+             f"{floor['gpu']} at a peak of {floor['peak_tflops']:g} TFLOPS"
+             f"{'' if floor['gpu_known'] else ' (GPU not in the table: the highest known peak)'}: at least "
+             f"{floor_seconds(floor, 32):.4g} s at 32 px. The fastest epoch of any run took "
+             f"{verification['least_floor_margin']:.1f}x its floor."),
+            "",
+        ]
+    lines += ["## Versus the previous record on this hardware", ""]
     previous = previous_record(record, records)
     if previous is None:
         lines.append(f"First record on {record.hardware}.")
@@ -1247,7 +1806,9 @@ def render_leaderboard(records: Sequence[Record], leaderboard_path: Path, record
          f"CIFAR-10 test set, training on the 50k train set only, judged by the harness's own evaluation. A record "
          f"is at least {MIN_RUNS} runs that were not cherry-picked, with one code hash and one config (seeds aside), "
          "all reaching the target under a check schedule fixed in advance; times are compared only on the same "
-         "hardware (GPU model × number of GPUs). "
+         "hardware (GPU model × number of GPUs). The accuracy shown is recomputed from each run's saved model in a "
+         "fresh process with the canonical evaluation (`python tools/leaderboard.py verify`); a record not yet "
+         "verified shows no accuracy. "
          f"The full rules are in [records/README.md]({rules_link}). This file is generated by "
          "`python tools/leaderboard.py render` from `records/`, and CI runs `python tools/leaderboard.py check`: "
          "do not edit it by hand."),
@@ -1270,18 +1831,23 @@ def render_leaderboard(records: Sequence[Record], leaderboard_path: Path, record
         lines += [
             f"### {hardware}",
             "",
-            (f"| # | Time to target (mean ± std) | Runs | kNN at stop (mean ± std) | p (kNN > {TARGET_PCT}) "
-             "| Description | Date | Record |"),
-            "|---:|---:|---:|---:|---:|---|---|---|",
+            ("| # | Time to target (mean ± std) | Runs | kNN at stop, recomputed (mean ± std) "
+             f"| p (kNN > {TARGET_PCT}) | Verified on | Description | Date | Record |"),
+            "|---:|---:|---:|---:|---:|---|---|---|---|",
         ]
         for rank, r in enumerate(group, start=1):
             time_mean, time_std = stats.summarize(r.times)
-            acc_mean, acc_std = stats.summarize(r.accs)
-            p = stats.one_sided_ttest_ge(r.accs, TARGET_PCT)
             link = os.path.relpath(r.folder.resolve(), base)
-            lines.append(f"| {rank} | {format_duration(time_mean)} ± {time_std:.1f} s | {len(r.runs)} "
-                         f"| {acc_mean:.2f} ± {acc_std:.2f} % | {format_p(p)} "
-                         f"| {markdown_cell(r.description)} | {r.date} | [{r.folder.name}]({link}/) |")
+            recomputed = r.recomputed_accs
+            if recomputed:
+                acc_mean, acc_std = stats.summarize(recomputed)
+                knn, p = (f"{acc_mean:.2f} ± {acc_std:.2f} %",
+                          format_p(stats.one_sided_ttest_ge(recomputed, TARGET_PCT)))
+                device = markdown_cell(r.verification["device"])  # type: ignore[index]
+            else:
+                knn, p, device = "unverified", "–", "not verified"
+            lines.append(f"| {rank} | {format_duration(time_mean)} ± {time_std:.1f} s | {len(r.runs)} | {knn} | {p} "
+                         f"| {device} | {markdown_cell(r.description)} | {r.date} | [{r.folder.name}]({link}/) |")
         lines.append("")
     return "\n".join(lines).rstrip("\n") + "\n"
 
@@ -1320,9 +1886,11 @@ def temp_pattern(path: Path) -> str:
     return f".{path.name}.*.tmp"
 
 
-def stage_file(path: Path, text: str) -> Path:
-    """Write text to a temp file beside path (same filesystem, so os.replace is atomic) and return its name."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def stage_file(path: Path, text: str, staging: Path | None = None) -> Path:
+    """Write text to a temp file beside path, or named `staging` plus a random suffix (same filesystem either way,
+    so os.replace is atomic), and return its name."""
+    where, prefix = (staging.parent, f"{staging.name}-") if staging else (path.parent, f".{path.name}.")
+    fd, tmp = tempfile.mkstemp(dir=where, prefix=prefix, suffix=".tmp")
     os.close(fd)
     try:
         write_synced(Path(tmp), text.encode("utf-8"))
@@ -1359,6 +1927,13 @@ def remove_leftovers(records_dir: Path, leaderboard_path: Path) -> None:
 ########################################
 #  Commands
 
+def description_problem(description: str) -> str | None:
+    if not DESCRIPTION_PATTERN.fullmatch(description) or description != description.strip():
+        return (f"description {description!r}: one line of 1 to {MAX_DESCRIPTION_CHARS} printable ASCII "
+                "characters, without '|' or surrounding spaces")
+    return None
+
+
 def check_submission(name: str, description: str, date: str, today: datetime.date) -> None:
     if not NAME_PATTERN.fullmatch(name):
         raise Refused(f"--name {name!r}: use up to 64 letters, digits, '-' and '_', starting with a letter or digit")
@@ -1370,20 +1945,51 @@ def check_submission(name: str, description: str, date: str, today: datetime.dat
         raise Refused(f"--date {date!r}: expected a real date as YYYY-MM-DD") from None
     if day > today + datetime.timedelta(days=1):
         raise Refused(f"--date {date} is in the future")
-    if not DESCRIPTION_PATTERN.fullmatch(description) or description != description.strip():
-        raise Refused(f"--description {description!r}: one line of 1 to {MAX_DESCRIPTION_CHARS} printable ASCII "
-                      "characters, without '|' or surrounding spaces")
+    problem = description_problem(description)
+    if problem:
+        raise Refused(f"--{problem}")
+
+
+def load_logs(paths: Sequence[Path]) -> list[tuple[bytes, Run]]:
+    """Every log validated; Refused listing every rule every log breaks."""
+    loaded, problems = [], []
+    for path in paths:
+        try:
+            loaded.append(load_log_file(path, follow_symlinks=True))
+        except Refused as e:
+            problems.append(e)
+    if problems:
+        raise Refused.of(problems)
+    return loaded
+
+
+def verified(logs: Sequence[dict[str, Any]], runs: Sequence[Run], models_dir: Path, data_dir: str,
+             device: str) -> dict[str, Any]:
+    """The verification of these runs from their saved models, held to the rules `check` applies to it."""
+    verification = verification_of(recompute(logs, models_dir, data_dir, device))
+    problems = verification_problems(verification, runs)
+    if problems:
+        raise Refused.of([Refused(p) for p in problems])
+    return verification
 
 
 def add(log_paths: Sequence[Path], name: str, description: str, date: str, records_dir: Path,
-        leaderboard_path: Path) -> Record:
-    check_submission(name, description, date, datetime.datetime.now(datetime.UTC).date())
-    loaded = [load_log_file(p, follow_symlinks=True) for p in log_paths]
+        leaderboard_path: Path, models_dir: Path | None = None, data_dir: str | None = None,
+        device: str = "auto") -> Record:
+    """Validate the logs and create the record; with models_dir and data_dir, verified (its accuracy recomputed
+    from the saved models) before anything is written."""
+    check_submission(name, description, date, today_utc())
+    if models_dir is None and data_dir is not None:
+        raise Refused("--data-dir is for verification: give --models DIR (the runs' .model.pt files) too")
+    loaded = load_logs(log_paths)
     runs = [run for _, run in loaded]
     validate_runs(runs)
-    problem = date_problem(date, runs)
-    if problem:
-        raise Refused(f"--date: {problem}")
+    problems = date_problems(date, runs, today_utc())
+    if problems:
+        raise Refused.of([Refused(f"--date: {p}") for p in problems])
+    verification = None
+    if models_dir is not None:  # slow: before the lock, which other adds wait for
+        verification = verified([parse_json(raw) for raw, _ in loaded], runs, models_dir, data_dir or "", device)
 
     with locked(records_dir):
         remove_leftovers(records_dir, leaderboard_path)
@@ -1402,7 +2008,8 @@ def add(log_paths: Sequence[Path], name: str, description: str, date: str, recor
                     if evidence:
                         raise Refused(f"one run, one record: this is the same run as {record.folder.name}/{old.file} "
                                       f"(same {evidence})", run.file)
-        new = Record(folder=folder, name=name, date=date, description=description, runs=tuple(runs))
+        new = Record(folder=folder, name=name, date=date, description=description, runs=tuple(runs),
+                     verification=verification)
         group = [r for r in group_of(new, [*existing, new]) if r is not new]
         if group and not new.mean_time < group[0].mean_time:
             raise Refused(f"faster records: not faster than {group[0].folder.name} ({group[0].mean_time:.3f} s) on "
@@ -1447,25 +2054,96 @@ def add(log_paths: Sequence[Path], name: str, description: str, date: str, recor
     return new
 
 
+def _record_folder(folder: Path, records_dir: Path) -> Path:
+    if folder.resolve().parent != records_dir.resolve() or not folder.is_dir():
+        raise Refused(f"{folder} is not a record folder in {records_dir}")
+    return records_dir / folder.resolve().name
+
+
+def _record_logs(record: Record) -> list[dict[str, Any]]:
+    try:
+        return [parse_json(read_bounded(record.folder / run.file, MAX_LOG_BYTES, follow_symlinks=False))
+                for run in record.runs]
+    except Broken as e:
+        raise Refused(f"log file: {e}", str(record.folder)) from None
+
+
+def rewrite_generated(records: Sequence[Record], records_dir: Path, leaderboard_path: Path) -> int:
+    """Replace every generated file (record.json, statistics.md, leaderboard.md) that differs from what the records
+    give, each atomically, record.json first (it holds the verification); -> the number of files replaced. A crash
+    in between leaves files that `check` reports and the next `render` rewrites."""
+    staged = []
+    try:
+        for record in records:
+            for file_name, text in (("record.json", record_json(record, records)),
+                                    ("statistics.md", statistics_md(record, records))):
+                path = record.folder / file_name
+                if not path.is_file() or path.read_bytes() != text.encode("utf-8"):
+                    # staged in records/ under the staging prefix: a leftover is ignored by git and removed later
+                    staging = records_dir / f"{STAGING_PREFIX}{record.name}-{file_name}"
+                    staged.append((stage_file(path, text, staging), path))
+        board = render_leaderboard(records, leaderboard_path, records_dir)
+        if not leaderboard_path.is_file() or leaderboard_path.read_bytes() != board.encode("utf-8"):
+            staged.append((stage_file(leaderboard_path, board), leaderboard_path))
+        for tmp, path in staged:
+            os.replace(tmp, path)
+    finally:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+    for folder in {path.parent for _, path in staged}:
+        sync_folder(folder)
+    return len(staged)
+
+
+def verify_record(folder: Path, records_dir: Path, leaderboard_path: Path, models_dir: Path, data_dir: str,
+                  device: str = "auto") -> Record:
+    """Recompute an existing record's accuracy from its saved models and store the verification in its record.json
+    (replacing an earlier one), then rewrite its statistics.md and leaderboard.md."""
+    folder = _record_folder(folder, records_dir)
+    record = load_record(folder)
+    verification = verified(_record_logs(record), record.runs, models_dir, data_dir, device)
+    with locked(records_dir):
+        remove_leftovers(records_dir, leaderboard_path)
+        ensure_replaceable(leaderboard_path)
+        existing = load_records(records_dir)
+        current = next((r for r in existing if r.folder.name == folder.name), None)
+        if current is None or current.runs != record.runs:
+            raise Refused(f"{folder} changed while it was being verified; run the command again")
+        new = dataclasses.replace(current, verification=verification)
+        rewrite_generated([new if r is current else r for r in existing], records_dir, leaderboard_path)
+    return new
+
+
+def reproduce_record(folder: Path, records_dir: Path, out: Path, runs: int, dry_run: bool,
+                     data_dir: str) -> verify.Reproduction:
+    """Re-run a record from its logged source (verify.reproduce) after checking it as `check` does."""
+    record = load_record(_record_folder(folder, records_dir))
+    try:
+        return verify.reproduce(_record_logs(record), str(out), runs=runs, dry_run=dry_run, data_dir=data_dir)
+    except ab.HarnessError as e:
+        raise Refused(str(e)) from None
+
+
 def render(records_dir: Path, leaderboard_path: Path) -> int:
+    """Rewrite leaderboard.md, and any record's generated file that no longer matches its inputs."""
     with locked(records_dir):
         remove_leftovers(records_dir, leaderboard_path)
         records = load_records(records_dir)
         ensure_replaceable(leaderboard_path)
-        os.replace(stage_file(leaderboard_path, render_leaderboard(records, leaderboard_path, records_dir)),
-                   leaderboard_path)
+        rewrite_generated(records, records_dir, leaderboard_path)
     return len(records)
 
 
 def check(records_dir: Path, leaderboard_path: Path) -> list[str]:
-    """Every disagreement between records/, its generated files and leaderboard.md, one line each. Read-only."""
+    """Every disagreement between records/, its generated files and leaderboard.md, one line each; every rule `add`
+    and `verify` apply, dates included. Read-only."""
     folders, problems = scan_records(records_dir)
     records = []
     for folder in folders:
         try:
             records.append(load_record(folder))
         except Refused as e:
-            problems.append(f"record does not validate: {e.line()}")
+            problems += [f"record does not validate: {line}" for line in e.lines()]
     if problems:
         return problems
     problems = record_problems(records)
@@ -1476,7 +2154,7 @@ def check(records_dir: Path, leaderboard_path: Path) -> list[str]:
                                     ("statistics.md", statistics_md(record, records))):
             path = record.folder / file_name
             if not path.is_file() or path.read_bytes() != expected.encode("utf-8"):
-                problems.append(f"{path} does not match its logs; regenerate it from them")
+                problems.append(f"{path} does not match its logs; `python tools/leaderboard.py render` rewrites it")
     expected_board = render_leaderboard(records, leaderboard_path, records_dir).encode("utf-8")
     if (not leaderboard_path.is_file() or leaderboard_path.is_symlink()
             or leaderboard_path.read_bytes() != expected_board):
@@ -1485,44 +2163,92 @@ def check(records_dir: Path, leaderboard_path: Path) -> list[str]:
     return problems
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     # Path flags live on every subcommand, so they go after it: `leaderboard.py check --records-dir DIR`.
     paths = argparse.ArgumentParser(add_help=False)
     paths.add_argument("--records-dir", type=Path, default=REPO_ROOT / "records", help="default: <repo>/records")
     paths.add_argument("--leaderboard", type=Path, default=REPO_ROOT / "leaderboard.md",
                        help="default: <repo>/leaderboard.md")
-    parser = argparse.ArgumentParser(prog="leaderboard.py", description=__doc__.split("\n")[0])
+    models = argparse.ArgumentParser(add_help=False)
+    models.add_argument("--models", type=Path, help="folder holding the runs' <run_id>.model.pt files")
+    models.add_argument("--data-dir", help="folder holding the official cifar-10-batches-py/ (default: "
+                        "$AIRBENCH_SSL_DATA, else ./data)")
+    models.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                        help="where to recompute the accuracy (default: auto, a GPU if there is one)")
+    parser = ab.OneLineErrorParser(prog="leaderboard.py", description=__doc__.split("\n")[0], allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
-    p_add = sub.add_parser("add", parents=[paths], help="validate run logs, create records/DATE_NAME/, re-render")
+    p_add = sub.add_parser("add", parents=[paths, models], allow_abbrev=False,
+                           help="validate run logs (and with --models, verify them), create records/DATE_NAME/")
     p_add.add_argument("logs", nargs="+", type=Path, help=f"run logs (JSON), at least {MIN_RUNS}")
-    p_add.add_argument("--name", required=True, help="ShortName: letters, digits, '-' and '_'")
-    p_add.add_argument("--description", default="", help="one line for the leaderboard: what changed")
-    p_add.add_argument("--date", default=datetime.datetime.now(datetime.UTC).date().isoformat(),
-                       help="YYYY-MM-DD, default today (UTC)")
-    sub.add_parser("render", parents=[paths], help="rewrite leaderboard.md from records/")
+    p_add.add_argument("--name", required=True, help="required: ShortName, letters, digits, '-' and '_'")
+    p_add.add_argument("--description", required=True,
+                       help="required: one line for the leaderboard, what changed (printable ASCII, no '|')")
+    p_add.add_argument("--date", default=today_utc().isoformat(), help="YYYY-MM-DD, default today (UTC)")
+    p_verify = sub.add_parser("verify", parents=[paths, models], allow_abbrev=False,
+                              help="recompute a record's accuracy from its saved models; store it in the record")
+    p_verify.add_argument("record", type=Path, help="a record folder, records/DATE_NAME")
+    p_reproduce = sub.add_parser("reproduce", parents=[paths], allow_abbrev=False,
+                                 help="re-run a record from its logged source on this machine and compare")
+    p_reproduce.add_argument("record", type=Path, help="a record folder, records/DATE_NAME")
+    p_reproduce.add_argument("--runs", type=int, default=3, help="runs with fresh seeds (default 3)")
+    p_reproduce.add_argument("--dry-run", action="store_true",
+                             help="one tiny CPU run instead: proves the logged source runs, times nothing")
+    p_reproduce.add_argument("--folder", type=Path, help="new folder for the source, logs and transcripts")
+    p_reproduce.add_argument("--data-dir", default="", help="folder holding cifar-10-batches-py/ (default: "
+                             "$AIRBENCH_SSL_DATA, else ./data)")
+    sub.add_parser("render", parents=[paths], help="rewrite leaderboard.md (and stale generated files) from records/")
     sub.add_parser("check", parents=[paths], help="fail unless leaderboard.md == render and every record validates")
-    args = parser.parse_args(argv)
+    return parser
 
+
+def say(text: str, err: bool = False) -> None:
+    print(one_line(text), file=sys.stderr if err else sys.stdout, flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         if args.command == "add":
-            record = add(args.logs, args.name, args.description, args.date, args.records_dir, args.leaderboard)
-            print(f"leaderboard: added {record.folder} ({len(record.runs)} runs, mean "
-                  f"{format_duration(record.mean_time)} on {record.hardware}); fill in {record.folder / 'README.md'}")
+            record = add(args.logs, args.name, args.description, args.date, args.records_dir, args.leaderboard,
+                         args.models, args.data_dir, args.device)
+            state = f"verified on {record.verification['device']}" if record.verification else "NOT verified"
+            say(f"leaderboard: added {record.folder} ({len(record.runs)} runs, mean "
+                f"{format_duration(record.mean_time)} on {record.hardware}, {state}); fill in "
+                f"{record.folder / 'README.md'}")
+        elif args.command == "verify":
+            if args.models is None:
+                raise Refused("verify needs --models DIR, the folder holding the runs' <run_id>.model.pt files")
+            record = verify_record(args.record, args.records_dir, args.leaderboard, args.models, args.data_dir or "",
+                                   args.device)
+            for entry in verification_json(record.verification, record.runs)["runs"]:  # type: ignore[arg-type]
+                say(f"leaderboard: {entry['log']}: kNN at stop recomputed {entry['recomputed_knn_pct']:.2f} %, "
+                    f"logged {entry['reported_knn_pct']:.2f} %; fastest epoch {entry['time_floor']['margin']:.1f}x "
+                    "its FLOP floor")
+            say(f"leaderboard: verified {record.folder} on {record.verification['device']}")  # type: ignore[index]
+        elif args.command == "reproduce":
+            out = args.folder or Path(f"reproduce_{args.record.resolve().name}_{today_utc():%Y%m%d}_"
+                                      f"{datetime.datetime.now(datetime.UTC):%H%M%S}")
+            result = reproduce_record(args.record, args.records_dir, out, args.runs, args.dry_run, args.data_dir)
+            for command in result.commands:
+                say(f"leaderboard: ran {shlex.join(command)} (in {result.folder})")
+            say(f"leaderboard: {args.record}: {result.verdict}", err=not result.reproduces)
+            return 0 if result.reproduces else 1
         elif args.command == "render":
             n = render(args.records_dir, args.leaderboard)
-            print(f"leaderboard: rendered {args.leaderboard} ({n} records)")
+            say(f"leaderboard: rendered {args.leaderboard} ({n} records)")
         else:
             problems = check(args.records_dir, args.leaderboard)
             for problem in problems:
-                print(f"leaderboard: check: {problem}", file=sys.stderr)
+                say(f"leaderboard: check: {problem}", err=True)
             if problems:
                 return 1
-            print(f"leaderboard: ok ({len(scan_records(args.records_dir)[0])} records)")
+            say(f"leaderboard: ok ({len(scan_records(args.records_dir)[0])} records)")
     except Refused as e:
-        print(f"leaderboard: refused: {e.line()}", file=sys.stderr)
+        for line in e.lines():
+            say(f"leaderboard: refused: {line}", err=True)
         return 1
     except OSError as e:
-        print(f"leaderboard: error: {e}", file=sys.stderr)
+        say(f"leaderboard: error: {e}", err=True)
         return 1
     return 0
 

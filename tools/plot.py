@@ -12,14 +12,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
+import uuid
 from collections.abc import Sequence
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only: no display on servers and in CI
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
-from compare import CompareError, OneLineParser, differing_keys, load_log  # noqa: E402
+from compare import KNN_SETS, CompareError, OneLineParser, differing_keys, knn_name, load_log  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 X_AXES = {"seconds": ("timed_seconds", "timed seconds"), "epochs": ("epoch", "epoch")}
@@ -49,28 +49,37 @@ def draw(logs: Sequence[dict], x: str = "both", target: float = 90.0) -> Figure:
                     label=label)
         ax.axhline(target, color="black", linestyle="--", linewidth=1, label=f"target {target:g}%")
         ax.set_xlabel(xlabel)
-        ax.set_ylabel(f"kNN k={logs[0]['config'].get('knn_k', 10)} test accuracy (%)")
+        ax.set_ylabel(f"{knn_name(logs)} (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     devices = sorted({str(log.get("environment", {}).get("gpu_name") or log.get("environment", {}).get("device"))
                       for log in logs})
-    fig.suptitle(f"kNN accuracy of {len(logs)} run{'s' if len(logs) > 1 else ''} ({', '.join(devices)})")
+    fig.suptitle(f"{knn_name(logs)} {KNN_SETS}: {len(logs)} run{'s' if len(logs) > 1 else ''} "
+                 f"({', '.join(devices)})")
     fig.tight_layout()
     return fig
 
 
 def plot(logs: Sequence[dict], out: str, x: str = "both", target: float = 90.0) -> None:
-    """Write the figure to `out` (PNG unless its extension names another format) via a temp file and a rename,
-    so a failed write never leaves a half-written image in place of an older one."""
+    """Write the figure to `out` (PNG unless its extension names another format), creating its folder. Via a temp file
+    and a rename, so a failed write never leaves a half-written image in place of an older one; the temp file is
+    created with mode 0o666 so that the umask, as for any file the user creates, sets the image's permissions."""
     fig = draw(logs, x, target)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(out)), prefix=".tmp_", suffix=".plot")
+    folder = os.path.dirname(os.path.abspath(out))
+    tmp = os.path.join(folder, f".tmp_{uuid.uuid4().hex}.plot")
     try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format=os.path.splitext(out)[1].lstrip(".").lower() or "png", dpi=120)
-        os.replace(tmp, out)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+        os.makedirs(folder, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                fig.savefig(f, format=os.path.splitext(out)[1].lstrip(".").lower() or "png", dpi=120)
+            os.replace(tmp, out)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+    except OSError as error:  # name the image, not the temp file
+        why = f"{folder} is a file, not a folder" if isinstance(error, FileExistsError) else error.strerror or error
+        raise CompareError(f"cannot write {out}: {why}") from None
     finally:
         plt.close(fig)
 
@@ -79,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = OneLineParser(prog="plot", description=__doc__.split("\n\n")[0],
                            formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("logs", nargs="+", help="run logs written by airbench_ssl.py")
-    parser.add_argument("-o", "--out", required=True, help="PNG file to write")
+    parser.add_argument("-o", "--out", required=True, help="PNG file to write (its folder is created)")
     parser.add_argument("--x", choices=("seconds", "epochs", "both"), default="both", help="x axis")
     parser.add_argument("--target", type=float, default=90.0, help="the horizontal target line, in %%")
     args = parser.parse_args(argv)
@@ -88,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not any(row.get("knn_pct") is not None for log in logs for row in log["epochs"]):
             raise CompareError("none of the logs has a kNN check to plot")
         plot(logs, args.out, args.x, args.target)
-    except (CompareError, OSError, ValueError) as error:  # ValueError: matplotlib knows no such image format
+    except (CompareError, ValueError) as error:  # ValueError: matplotlib knows no such image format
         print(f"plot: error: {error}", file=sys.stderr)
         return 1
     print(f"wrote {args.out}")
