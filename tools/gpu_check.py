@@ -5,18 +5,24 @@ rung of the ladder, and a section that fails (compile error, out of memory) is r
 rest still run:
   environment   GPU, driver, torch, CUDA, cuDNN, nvidia-smi
   data          real CIFAR-10 train images if found, else random uint8 images (throughput ignores pixel values)
-  peak          measured, not nominal: a large bf16 matmul (fp32 on CPU) in TFLOP/s, and device-to-device copy GB/s
+  peak          measured, not nominal: a large bf16 matmul (fp32 on CPU) in TFLOP/s after matmuls that warm the GPU
+                up (clocks, power state), and device-to-device copy GB/s
   forward       FLOPs of one forward pass (backbone + projector) on one image; a training image costs 3 x that x 2 views
-  ladder        eager fp32 NCHW -> + channels_last -> + bf16 autocast -> + torch.compile (= the default) [-> batch
-                1024 with --batch-1024]: compile/warm-up seconds, step ms, images/s, seconds per 50k-image epoch,
-                TFLOP/s and fraction of the measured peak. Each rung warms up and times only the batch shape it times.
+  ladder        eager fp32 NCHW -> + channels_last -> + bf16 autocast -> + torch.compile of the model -> + compiled
+                augmentation (= the default) [-> batch 1024 with --batch-1024] -> + CUDA graphs (mode
+                "reduce-overhead", tried last: recorded as failed if it fails; CUDA only): compile/warm-up seconds, step
+                ms, images/s, seconds per 50k-image epoch, TFLOP/s and fraction of the measured peak. Each rung warms
+                up and times only the batch shape it times.
   sync_debug    CUDA only: one warmed epoch of the timed loop under torch.cuda.set_sync_debug_mode("error")
-  augmentation  the views of one default batch, alone, and their share of a default step
+  augmentation  its cost inside a default step, as training pays it: the pipelined step minus the same step fed
+                precomputed views, both warmed, alternated in one run; the profiler's device time of its kernels;
+                and, for contrast, the views alone between two syncs (launch-bound: no share of a step)
   knn           airbench_ssl.knn_accuracy on random features of the real sizes (50,000 x 512 vs 10,000)
   profile       a torch.profiler table of a few default steps
+  kernels       tools/count_kernels.py on the default config: operator calls, generated and device kernels per part
   reference     (--reference) tools/bench_throughput.py, the reference script vs the harness, as a subprocess with
                 a timeout
---tiny is a CPU dry run of every section in well under a minute (width 8, batch 32, 2 steps, the compiled rung with
+--tiny is a CPU dry run of every section in well under a minute (width 8, batch 32, 2 steps, the compiled rungs with
 a cheap --compile-backend, since inductor compiles C++ for minutes on a CPU): run it before spending GPU time.
 
     python tools/gpu_check.py --out bench/results/gpu_check --reference --batch-1024     # on the GPU machine
@@ -43,16 +49,28 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import bench_throughput  # noqa: E402  (tools/ is on sys.path: this file's own folder)
+import count_kernels  # noqa: E402
 
 import airbench_ssl as ab  # noqa: E402
 
 TOOLS = os.path.dirname(os.path.abspath(__file__))
 EPOCH_IMAGES = 50_000
-DEFAULT_RUNG = "+ torch.compile = default"
-OFF = dict(compile="off", bf16="off", channels_last="off")
-LADDER = (("eager fp32", OFF), ("+ channels_last", dict(OFF, channels_last="on")),
-          ("+ bf16 autocast", dict(OFF, channels_last="on", bf16="on")),
-          (DEFAULT_RUNG, dict(compile="on", bf16="on", channels_last="on")))
+DEFAULT_RUNG = "+ compiled augment = default"
+CUDA_GRAPHS_RUNG = "+ CUDA graphs"
+OFF, ON = dict(compile="off", bf16="off", channels_last="off"), dict(compile="on", bf16="on", channels_last="on")
+
+
+@dataclasses.dataclass(frozen=True)
+class Rung:
+    name: str
+    cfg: ab.Config
+    eager_augment: bool = False  # the model compiled, the augmentation not
+    mode: str | None = None  # torch.compile's mode for the model and the augmentation
+
+
+LADDER = (("eager fp32", OFF, {}), ("+ channels_last", dict(OFF, channels_last="on"), {}),
+          ("+ bf16 autocast", dict(OFF, channels_last="on", bf16="on"), {}),
+          ("+ torch.compile (model)", ON, dict(eager_augment=True)), (DEFAULT_RUNG, ON, {}))
 
 
 def failure(error: BaseException) -> dict:
@@ -111,32 +129,54 @@ def timed(fn: Callable[[], Any], device: torch.device, repeats: int = 5) -> floa
     return statistics.median(bench_throughput.timed(device, fn) for _ in range(repeats))
 
 
+def warm_up_matmuls(device: torch.device, size: int, seconds: float) -> int:
+    """Matmuls of the peak's kind for at least `seconds` (and at least 10): a GPU that has idled runs its first ones
+    at lower clocks. -> how many ran."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    count, start = 0, time.perf_counter()
+    while count < 10 or time.perf_counter() - start < seconds:
+        for _ in range(10):
+            a @ a
+        count += 10
+        ab.synchronize(device)
+    return count
+
+
 def measure_peak(device: torch.device, tiny: bool) -> dict:
     size = 512 if tiny else 8192 if device.type == "cuda" else 1024
+    warmup_matmuls = warm_up_matmuls(device, size, 0.0 if tiny or device.type != "cuda" else 2.0)
     flops, description = bench_throughput.measured_peak_flops(device, size)
     nbytes = (16 if tiny or device.type != "cuda" else 1024) * 2**20
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     copy_seconds = timed(lambda: dst.copy_(src), device, repeats=10)
-    return dict(matmul=description, peak_tflops=flops / 1e12, copy_gb_per_s=2 * nbytes / copy_seconds / 1e9)
+    return dict(matmul=description, warmup_matmuls=warmup_matmuls, peak_tflops=flops / 1e12,
+                copy_gb_per_s=2 * nbytes / copy_seconds / 1e9)
 
 
-def build_trainer(cfg: ab.Config, device: torch.device, n_train: int, compile_backend: str) -> ab.Trainer:
-    trainer = ab.Trainer(cfg, device, n_train)
-    if trainer.compiled and compile_backend != "inductor":  # the Trainer's own torch.compile call, another backend
-        trainer.forward = torch.compile(trainer.model, dynamic=False, backend=compile_backend)
+def build_trainer(rung: Rung, device: torch.device, n_train: int, compile_backend: str) -> ab.Trainer:
+    """The harness's Trainer for the rung: its own torch.compile calls, or the same with another backend or mode."""
+    trainer = ab.Trainer(rung.cfg, device, n_train)
+    if trainer.compiled and (compile_backend != "inductor" or rung.mode):
+        options = dict(dynamic=False, backend=compile_backend, **({"mode": rung.mode} if rung.mode else {}))
+        trainer.forward = torch.compile(trainer.model, **options)
+        trainer.augment = torch.compile(ab.apply_augment, **options)
+    if rung.eager_augment:
+        trainer.augment = ab.apply_augment
     return trainer
 
 
-def time_harness(cfg: ab.Config, device: torch.device, images: torch.Tensor, steps: int,
+def time_harness(rung: Rung, device: torch.device, images: torch.Tensor, steps: int,
                  compile_backend: str) -> tuple[ab.Trainer, torch.Tensor, dict]:
     """One epoch of `steps` full batches timed as the race times an epoch (Trainer.train_epoch between device
     syncs), after the harness's own warm-up. The trainer sees exactly steps * batch_size images, so its only batch
     shape is the timed one: the warm-up compiles nothing that is not timed. -> (trainer, its images, the timing)."""
+    cfg = rung.cfg
     torch.manual_seed(0)
     generator = torch.Generator(device).manual_seed(0)
     subset = images[torch.randint(0, len(images), (steps * cfg.batch_size,), device=device, generator=generator)]
-    trainer = build_trainer(cfg, device, len(subset), compile_backend)
+    trainer = build_trainer(rung, device, len(subset), compile_backend)
     start = time.perf_counter()
     trainer.warm_up()
     ab.synchronize(device)
@@ -150,18 +190,21 @@ def time_harness(cfg: ab.Config, device: torch.device, images: torch.Tensor, ste
     view = trainer.views(subset[:2], generator)[0]  # what the rung claims, read off what the model is fed
     return trainer, subset, dict(
         batch_size=cfg.batch_size, steps=steps, compiled=trainer.compiled,
+        augment_compiled=trainer.augment is not ab.apply_augment, mode=rung.mode,
         compile_backend=compile_backend if trainer.compiled else None, bf16=trainer.bf16,
         views_channels_last=view.is_contiguous(memory_format=torch.channels_last) and not view.is_contiguous(),
         warmup_seconds=warmup_seconds, step_ms=1000 * seconds / steps,
         images_per_second=steps * cfg.batch_size / seconds)
 
 
-def rungs(base: ab.Config, big_batch: int) -> list[tuple[str, ab.Config]]:
-    """The speed ladder of bench/NOTES.md: each rung adds one change to the one before."""
-    ladder = [(name, dataclasses.replace(base, **changes)) for name, changes in LADDER]
+def rungs(base: ab.Config, big_batch: int) -> list[Rung]:
+    """The speed ladder of bench/NOTES.md: each rung adds one change to the one before; CUDA graphs come last, so
+    that their failure (they are the least tried) costs nothing else."""
+    ladder = [Rung(name, dataclasses.replace(base, **changes), **how) for name, changes, how in LADDER]
+    default = ladder[-1]
     if big_batch:
-        ladder.append((f"default, batch {big_batch}", dataclasses.replace(ladder[-1][1], batch_size=big_batch)))
-    return ladder
+        ladder.append(Rung(f"default, batch {big_batch}", dataclasses.replace(default.cfg, batch_size=big_batch)))
+    return ladder + [Rung(CUDA_GRAPHS_RUNG, default.cfg, mode="reduce-overhead")]
 
 
 def run_ladder(results: Results, base: ab.Config, device: torch.device, images: torch.Tensor, args: argparse.Namespace,
@@ -172,10 +215,16 @@ def run_ladder(results: Results, base: ab.Config, device: torch.device, images: 
     results.report["ladder"] = ladder
     results.say(f"{'rung':<28} {'warm-up s':>9} {'step ms':>9} {'img/s':>9} {'epoch s':>8} {'TFLOP/s':>8} "
                 f"{'% peak':>7}")
-    for name, cfg in rungs(base, args.big_batch):
+    for rung in rungs(base, args.big_batch):
+        name = rung.name
         results.begin(f"ladder: {name}", announce=False)
+        if rung.mode and device.type != "cuda":
+            ladder.append(dict(name=name, batch_size=rung.cfg.batch_size, skipped="CUDA graphs need a CUDA GPU"))
+            results.say(f"{name:<28} skipped: {ladder[-1]['skipped']}")
+            results.save()
+            continue
         try:
-            trainer, subset, result = time_harness(cfg, device, images, args.steps, args.compile_backend)
+            trainer, subset, result = time_harness(rung, device, images, args.steps, args.compile_backend)
             result = dict(name=name, **result, epoch_seconds=EPOCH_IMAGES / result["images_per_second"])
             tflops = train_flops_per_image * result["images_per_second"] / 1e12 if train_flops_per_image else None
             result.update(tflops=tflops, fraction_of_peak=tflops / peak_tflops if tflops and peak_tflops else None)
@@ -187,7 +236,7 @@ def run_ladder(results: Results, base: ab.Config, device: torch.device, images: 
                 kept = dict(trainer=trainer, images=subset, result=result)
             del trainer, subset
         except Exception as error:
-            result = dict(name=name, batch_size=cfg.batch_size, **failure(error))
+            result = dict(name=name, batch_size=rung.cfg.batch_size, **failure(error))
             results.say(f"{name:<28} failed: {result['error']}")
         ladder.append(result)
         results.save()
@@ -227,15 +276,40 @@ def sync_debug(default: dict | None, device: torch.device) -> dict:
     return dict(result, steps=len(trainer.batch_sizes))
 
 
-def time_augmentation(cfg: ab.Config, device: torch.device, images: torch.Tensor, default: dict | None) -> dict:
-    """The views of one batch exactly as the Trainer makes them (memory format included), alone."""
-    views = ab.Trainer(cfg, device, cfg.batch_size).views  # builds a model, compiles nothing
-    batch, generator = images[:cfg.batch_size], torch.Generator(device).manual_seed(0)
-    views(batch, generator)
-    seconds = timed(lambda: views(batch, generator), device)
-    step_seconds = default["result"]["step_ms"] / 1000 if default else None
-    return dict(views_ms=1000 * seconds, n_views=2, batch_size=cfg.batch_size,
-                fraction_of_step=seconds / step_seconds if step_seconds else None)
+def time_augmentation(default: dict | None, device: torch.device, repeats: int = 5) -> dict:
+    """What the augmentation costs a default step in training: there its kernels queue behind the previous step's
+    backward, so its time alone between two syncs (launch-bound) says little. Measured as the warmed, pipelined
+    step (views made, then the update) minus the same step fed views made beforehand, the two alternated `repeats`
+    times, `steps` steps each between syncs; plus the profiler's device time of its kernels (CUDA), and its time
+    alone for contrast."""
+    if default is None:
+        raise RuntimeError(f"needs the warmed trainer of the '{DEFAULT_RUNG}' rung, which failed")
+    trainer, steps = default["trainer"], default["result"]["steps"]
+    batch, generator = default["images"][:trainer.cfg.batch_size], torch.Generator(device).manual_seed(0)
+    made = trainer.views(batch, generator)  # the same shapes and memory format as those made in the step
+
+    def normal() -> None:
+        for _ in range(steps):
+            trainer.update(trainer.views(batch, generator))
+
+    def fed() -> None:
+        for _ in range(steps):
+            trainer.update(made)
+
+    seconds: dict[str, list[float]] = {"normal": [], "fed": [], "alone": []}
+    runs = dict(normal=normal, fed=fed, alone=lambda: trainer.views(batch, generator))
+    for run in runs.values():  # warm: the allocator, and views made outside a step
+        run()
+    for _ in range(repeats):
+        for name, run in runs.items():
+            seconds[name].append(bench_throughput.timed(device, run))
+    step, fed_step = (statistics.median(seconds[name]) / steps for name in ("normal", "fed"))
+    parts = count_kernels.run_step(trainer, batch, generator, profiled=True)
+    n_views = len(made)
+    return dict(n_views=n_views, batch_size=len(batch), steps=steps, repeats=repeats, step_ms=1000 * step,
+                step_fed_views_ms=1000 * fed_step, augmentation_ms=1000 * (step - fed_step),
+                fraction_of_step=(step - fed_step) / step, kernel_ms=parts["augmentation"]["device_ms"],
+                views_alone_ms=1000 * statistics.median(seconds["alone"]))
 
 
 def time_knn(cfg: ab.Config, device: torch.device, tiny: bool) -> dict:
@@ -253,18 +327,18 @@ def time_knn(cfg: ab.Config, device: torch.device, tiny: bool) -> dict:
 
 
 def profile_steps(default: dict | None, device: torch.device, steps: int = 3) -> dict:
-    from torch.profiler import ProfilerActivity, profile
-
     if default is None:
         raise RuntimeError(f"needs the warmed trainer of the '{DEFAULT_RUNG}' rung, which failed")
     trainer, images = default["trainer"], default["images"]
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     generator = torch.Generator(device).manual_seed(1)
     batch = images[:trainer.cfg.batch_size]
-    with profile(activities=activities) as prof:
+    prof = count_kernels.start_profiler(device)
+    try:
         for _ in range(steps):
             trainer.step(batch, generator)
         ab.synchronize(device)
+    finally:
+        prof.__exit__(None, None, None)
     sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     return dict(steps=steps, sort_by=sort_by, table=prof.key_averages().table(sort_by=sort_by, row_limit=20))
 
@@ -401,15 +475,21 @@ def run_sections(args: argparse.Namespace, device: torch.device, base: ab.Config
                          peak.get("peak_tflops"))
     results.section("sync_debug", lambda: sync_debug(default, device), lambda r: "sync debug: " + (
         r.get("skipped") or ("passed" if r["passed"] else f"FAILED: {r['message']} at {r['where']}")))
-    default_cfg = dict(rungs(base, 0))[DEFAULT_RUNG]
-    results.section("augmentation", lambda: time_augmentation(default_cfg, device, images, default), lambda r: (
-        f"augmentation, {r['n_views']} views of {r['batch_size']}: {r['views_ms']:.2f} ms"
-        + (f" = {100 * r['fraction_of_step']:.1f}% of a default step" if r["fraction_of_step"] else "")))
+    results.section("augmentation", lambda: time_augmentation(default, device), lambda r: (
+        f"augmentation, {r['n_views']} views of {r['batch_size']}: {r['augmentation_ms']:.2f} ms of a "
+        f"{r['step_ms']:.2f} ms step = {100 * r['fraction_of_step']:.1f}% (step fed made views: "
+        f"{r['step_fed_views_ms']:.2f} ms); kernels "
+        + (f"{r['kernel_ms']:.2f} ms on the device" if r["kernel_ms"] is not None else "- (CUDA only)")
+        + f"; alone between syncs {r['views_alone_ms']:.2f} ms"))
     results.section("knn", lambda: time_knn(base, device, args.tiny), lambda r: (
         f"kNN k={r['k']}, {r['n_train']} x {r['dim']} vs {r['n_test']}: {r['seconds']:.3f} s"))
     results.section("profile", lambda: profile_steps(default, device), lambda r: (
         f"profile of {r['steps']} default steps, by {r['sort_by']}:\n{r['table']}"))
     default = None
+    free_memory(device)
+    default_cfg = next(rung.cfg for rung in rungs(base, 0) if rung.name == DEFAULT_RUNG)
+    results.section("kernels", lambda: count_kernels.count_step(default_cfg, device, args.compile_backend,
+                                                                args.compile_backend), count_kernels.format_report)
     free_memory(device)  # the reference bench needs the device to itself
     if args.reference:
         results.section("reference", lambda: run_reference(args, device, say), lambda r: (
@@ -433,6 +513,7 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         print(f"gpu_check: error: {problem}", file=sys.stderr)
         return 1
+    count_kernels.quiet_profiler(device)
     base = ab.Config(device=device.type)
     if args.tiny:
         base = dataclasses.replace(base, width=8, batch_size=32, compile_warmup_steps=1)
