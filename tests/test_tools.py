@@ -58,6 +58,15 @@ def test_forward_flops_count_matches_hooks_and_the_published_resnet18_figure():
                                                                                  torch.zeros(1, 3, 32, 32))
 
 
+def test_peak_matmul_is_timed_only_after_a_warm_up_of_at_least_ten_matmuls_and_the_asked_seconds(monkeypatch):
+    clock = iter(i * 0.25 for i in range(10**6))  # each reading a quarter second later
+    monkeypatch.setattr(bench_throughput.time, "perf_counter", lambda: next(clock))
+    flops, what, warmups = bench_throughput.measured_peak_flops(torch.device("cpu"), 16, repeats=2)
+    assert warmups == 10 and flops > 0 and what == "float32 matmul 16x16x16"  # CPU default: no seconds, 10 matmuls
+    _, _, warmups = bench_throughput.measured_peak_flops(torch.device("cpu"), 16, repeats=2, warmup_seconds=2.0)
+    assert warmups == 80  # one clock reading per 10 matmuls: 2 s of 0.25 s readings
+
+
 def test_bench_throughput_tiny_on_cpu_prints_both_sides_and_their_ratio(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert bench_throughput.main([*TINY_BENCH, "--json", str(out)]) == 0

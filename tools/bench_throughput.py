@@ -54,19 +54,27 @@ def forward_flops(arch: str, width: int) -> int:
     return counter.get_total_flops()
 
 
-def measured_peak_flops(device: torch.device, size: int, repeats: int = 10) -> tuple[float, str]:
-    """-> (FLOP/s of a size^3 matmul, a description): bf16 on CUDA (the harness's compute type), fp32 on the CPU."""
+def measured_peak_flops(device: torch.device, size: int, repeats: int = 10,
+                        warmup_seconds: float | None = None) -> tuple[float, str, int]:
+    """-> (FLOP/s of a size^3 matmul, a description, the warm-up matmuls run): bf16 on CUDA (the harness's compute
+    type), fp32 on the CPU. Timed only after at least 10 matmuls and `warmup_seconds` of them (default 2 s on CUDA):
+    a GPU that has idled runs its first ones at lower clocks, and the first call selects the kernel."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
-    a @ b  # first call: library initialisation and kernel selection
-    airbench_ssl.synchronize(device)
+    warmup_seconds = (2.0 if device.type == "cuda" else 0.0) if warmup_seconds is None else warmup_seconds
+    warmups, start = 0, time.perf_counter()
+    while warmups < 10 or time.perf_counter() - start < warmup_seconds:
+        for _ in range(10):
+            a @ b
+        warmups += 10
+        airbench_ssl.synchronize(device)
     start = time.perf_counter()
     for _ in range(repeats):
         a @ b
     airbench_ssl.synchronize(device)
     seconds = time.perf_counter() - start
-    return 2 * size**3 * repeats / seconds, f"{str(dtype).replace('torch.', '')} matmul {size}x{size}x{size}"
+    return 2 * size**3 * repeats / seconds, f"{str(dtype).replace('torch.', '')} matmul {size}x{size}x{size}", warmups
 
 
 def harness_config(args: argparse.Namespace, device: torch.device) -> airbench_ssl.Config:
@@ -142,7 +150,7 @@ def bench(args: argparse.Namespace) -> dict:
     flops = forward_flops(args.arch, args.width)
     train_flops_per_image = 3 * 2 * flops
     with simclr_reference.threads_beside_workers(device, args.workers):  # the CPU peak with the rounds' threads
-        peak, peak_what = measured_peak_flops(device, args.peak_size)
+        peak, peak_what, _ = measured_peak_flops(device, args.peak_size)
     result = dict(device=device.type, device_name=airbench_ssl.environment_report(device)["gpu_name"] or "CPU",
                   torch=torch.__version__, arch=args.arch, width=args.width, batch_size=args.batch_size,
                   steps_per_round=steps, images_per_round=count, repeats=args.repeats, workers=args.workers,

@@ -129,24 +129,10 @@ def timed(fn: Callable[[], Any], device: torch.device, repeats: int = 5) -> floa
     return statistics.median(bench_throughput.timed(device, fn) for _ in range(repeats))
 
 
-def warm_up_matmuls(device: torch.device, size: int, seconds: float) -> int:
-    """Matmuls of the peak's kind for at least `seconds` (and at least 10): a GPU that has idled runs its first ones
-    at lower clocks. -> how many ran."""
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    count, start = 0, time.perf_counter()
-    while count < 10 or time.perf_counter() - start < seconds:
-        for _ in range(10):
-            a @ a
-        count += 10
-        ab.synchronize(device)
-    return count
-
-
 def measure_peak(device: torch.device, tiny: bool) -> dict:
     size = 512 if tiny else 8192 if device.type == "cuda" else 1024
-    warmup_matmuls = warm_up_matmuls(device, size, 0.0 if tiny or device.type != "cuda" else 2.0)
-    flops, description = bench_throughput.measured_peak_flops(device, size)
+    flops, description, warmup_matmuls = bench_throughput.measured_peak_flops(device, size,
+                                                                              warmup_seconds=0.0 if tiny else None)
     nbytes = (16 if tiny or device.type != "cuda" else 1024) * 2**20
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
