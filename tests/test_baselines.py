@@ -3,6 +3,7 @@ transforms, ToTensor last, pinned memory, non_blocking copies) and as the older 
 the same model as the harness's, and every named configuration of a published row passes the harness's validation
 and says what it reproduces."""
 
+import copy
 import glob
 import json
 import math
@@ -216,6 +217,53 @@ def test_reference_script_end_to_end_on_cpu(easy_cifar_root, capsys, variant):
     args.steps, args.skip_eval = 3, True
     result = ref.run(args)
     assert result["steps"] == 3 and len(result["epoch_losses"]) == 1 and "knn10_pct" not in result
+
+
+def test_reference_step_is_infonce_of_its_two_views_then_one_sgd_step():
+    """One step of the rebuild against the step written out: each view through the model on its own (BatchNorm
+    statistics per view), InfoNCE (temperature 0.5) over both projections stacked, one SGD step with the
+    reference's momentum and weight decay; the returned loss is that InfoNCE."""
+    torch.manual_seed(0)
+    model = ref.ReferenceSimCLR("resnet18", width=8)
+    expected, one_view = copy.deepcopy(model), copy.deepcopy(model)
+    optimizer, _ = ref.make_optimizer(model, batch_size=8, epochs=10)
+    view1, view2 = torch.rand(8, 3, 32, 32), torch.rand(8, 3, 32, 32)
+    loss = ab.info_nce(torch.cat([expected(view1)[1], expected(view2)[1]]), 0.5)
+    sgd = torch.optim.SGD(expected.parameters(), lr=0.03 * 8 / 256, momentum=0.9, weight_decay=5e-4)
+    loss.backward()
+    sgd.step()
+    assert ref.train_step(model, optimizer, view1, view2) == pytest.approx(loss.item(), rel=1e-6)
+    for (name, value), reference in zip(model.state_dict().items(), expected.state_dict().values()):
+        torch.testing.assert_close(value, reference, rtol=1e-5, atol=1e-7, msg=name)
+    one_view_loss = ab.info_nce(torch.cat([one_view(view1)[1], one_view(view1)[1]]), 0.5)
+    assert abs(one_view_loss.item() - loss.item()) > 1e-2  # the test tells a step on one view twice apart
+
+
+def test_reference_lr_is_scaled_by_batch_and_annealed_per_epoch_as_cosineannealinglr(easy_cifar_root, monkeypatch):
+    """The lr every step of a run really uses: base lr x batch / 256, then torch's CosineAnnealingLR over the run's
+    epochs, stepped once per epoch (every step of an epoch at one lr, a new lr each epoch)."""
+    used, real_step = [], ref.train_step
+
+    def train_step(model, optimizer, view1, view2):
+        used.append({group["lr"] for group in optimizer.param_groups})
+        return real_step(model, optimizer, view1, view2)
+
+    monkeypatch.setattr(ref, "train_step", train_step)
+    epochs, batch = 4, 16
+    ref.run(ref.build_parser().parse_args(["--device", "cpu", "--width", "8", "--data-dir", easy_cifar_root,
+                                           "--batch-size", str(batch), "--epochs", str(epochs), "--workers", "0",
+                                           "--train-subset", "40", "--skip-eval"]))
+    assert len(used) == epochs * 3 and all(len(lrs) == 1 for lrs in used)  # 16 + 16 + 8 images an epoch
+    peak = 0.03 * batch / 256
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=peak)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+    expected = []
+    for _ in range(epochs):
+        expected += [optimizer.param_groups[0]["lr"]] * 3
+        optimizer.step()
+        schedule.step()
+    assert [lr for lrs in used for lr in lrs] == pytest.approx(expected, rel=1e-12)
+    assert expected[0] == pytest.approx(peak) and len(set(expected)) == epochs
 
 
 @pytest.mark.parametrize("argv", [["--batch-size", "1"], ["--grayscale-p", "2"], ["--data-dir", "/nonexistent"]])

@@ -363,6 +363,35 @@ def test_bad_unpack_input_is_one_line_and_writes_nothing(packed: tuple[Path, Pat
         assert expected in run_error(["verify", argv[1]], capsys)
 
 
+# Names a manifest could give a part: only the packer's own, cifar10.partNN exactly, name a file in the pack folder.
+FOREIGN_PART_NAMES = ["cifar10.part99/../../elsewhere/cifar10.part00", "cifar10.part00/", "cifar10.part00/x",
+                      "cifar10.part00\n", "cifar10.part00 ", "cifar10.part00\x00", "cifar10.part0", "xcifar10.part00",
+                      "cifar10.part00x", "cifar10.part00.bak", "/tmp/cifar10.part00", "cifar10Xpart00",
+                      "CIFAR10.part00", "cifar10.part\u0660\u0660", "./cifar10.part00", ""]
+
+
+def test_manifest_part_names_are_matched_exactly(packed: tuple[Path, Path], tmp_path: Path, capsys) -> None:
+    """A part name is the packer's own name, whole: none of the names above is read, even where the file it points
+    to exists with the right checksum (a folder named like a part, then ../ out of the pack folder)."""
+    _, out = packed
+    manifest = json.loads((out / "manifest.json").read_text())
+    (tmp_path / "elsewhere").mkdir()
+    os.replace(out / "cifar10.part00", tmp_path / "elsewhere" / "cifar10.part00")
+    (out / "cifar10.part99").mkdir()  # ../ resolves only through a folder
+    assert (out / FOREIGN_PART_NAMES[0]).is_file()  # the checksummed part is there, outside the pack folder
+    for name in FOREIGN_PART_NAMES:
+        manifest["parts"][0]["name"] = name
+        (out / "manifest.json").write_text(json.dumps(manifest))
+        before = tree(tmp_path)
+        assert "is malformed: part entry" in run_error(["verify", str(out)], capsys), name
+        assert "is malformed: part entry" in run_error(["unpack", str(out), str(tmp_path / "dest")], capsys), name
+        assert tree(tmp_path) == before
+    for name in ("cifar10.part00", "cifar10.part100"):  # the packer's names, two digits or more
+        manifest["parts"][0]["name"] = name
+        (out / "manifest.json").write_text(json.dumps(manifest))
+        assert pack_cifar.read_manifest(out)["parts"][0]["name"] == name
+
+
 @pytest.mark.parametrize("argv", [["pack"], ["frobnicate"], ["pack", "a", "b", "--part-mib", "x"], []])
 def test_usage_errors_are_one_line(argv: list[str], capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
