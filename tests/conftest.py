@@ -1,7 +1,7 @@
 """Shared fixtures: a small synthetic CIFAR-10 written in the real on-disk format, and the real-data switch.
 
 Tests never download. Tests that need the real CIFAR-10 read the folder named by AIRBENCH_SSL_DATA (the parent of
-cifar-10-batches-py/, e.g. ../shared/data) and skip cleanly when it is unset.
+cifar-10-batches-py/) and skip cleanly when it is unset.
 """
 
 import os

@@ -19,7 +19,7 @@ from conftest import CIFAR_FILES, synthetic_images, write_fake_cifar
 import airbench_ssl as ab
 
 PER_BATCH, N_TEST = 40, 60  # write_fake_cifar's defaults, which the fake_cifar_root fixture uses
-# md5 of the shared, unofficial (JPEG-rebuilt) copy, as listed in /work/shared/data/README.md
+# md5 of the unofficial, JPEG-rebuilt copy used in development (as its README lists them)
 SHARED_COPY_MD5 = {
     "data_batch_1": "0c0a3eab9e4d08cc4eecc13d070f28b0", "data_batch_2": "bb88303e1560b1aa081be6a3d015fce1",
     "data_batch_3": "cc539c17ba56dc66a24a141550f3267d", "data_batch_4": "33e500905b4ad905df838863106b4753",

@@ -450,8 +450,8 @@ def refused_torchrun(tmp_path, root, *flags):
     return line
 
 
-def test_torchrun_batch_that_does_not_split_is_one_error_line(fake_cifar_root, tmp_path):
-    line = refused_torchrun(tmp_path, fake_cifar_root, "--batch-size", "41")
+def test_torchrun_batch_that_does_not_split_is_one_error_line(tmp_path):
+    line = refused_torchrun(tmp_path, str(tmp_path / "no data"), "--batch-size", "41")  # refused before any data read
     assert line.startswith("airbench_ssl: error: batches of [") and "do not split over 2 processes" in line
     assert ", 41] of the " in line  # an odd batch size: 41 cannot split over 2
 

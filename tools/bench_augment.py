@@ -1,7 +1,7 @@
 """Benchmark airbench_ssl's augmentation (one call per batch) against torchvision's per-image pipelines, side by side.
 
     python tools/bench_augment.py                              # 4,096 random images, at 1 and at 2 CPU threads
-    python tools/bench_augment.py --threads 1 --data-dir ../shared/data --parts
+    python tools/bench_augment.py --threads 1 --data-dir DATA_DIR --parts
     python tools/bench_augment.py --device cuda                # ours on the GPU; torchvision stays on the CPU
 
 Four ways to make one SimCLR view of every image, the recipe's transforms in each:

@@ -1,9 +1,9 @@
 """Pack CIFAR-10 (official python layout) into checksummed parts small enough to upload to a GPU machine.
 
-A GPU machine without internet access may accept at most 64 MiB per run (code included), while
-`cifar-10-batches-py/` is 177.6 MiB. So we pack it once where the data is and unpack it there:
+A GPU machine without internet access may take uploads only in small pieces, while `cifar-10-batches-py/` is
+177.6 MiB. So we pack it once where the data is, move the parts, and unpack them there:
 
-    python tools/pack_cifar.py pack ../shared/data .packed     # /.packed/ is git-ignored
+    python tools/pack_cifar.py pack DATA_DIR .packed           # /.packed/ is git-ignored
     python tools/pack_cifar.py verify .packed                  # optional: checks the parts only
     python tools/pack_cifar.py unpack .packed data             # on the GPU machine, with .packed/ copied there
 
@@ -12,7 +12,7 @@ official/unofficial check still works), verifying every part and every file firs
 half-written dataset behind. `pack` reads its inputs with the harness's restricted unpickler (a crafted file
 cannot run code) and refuses any file the harness would not load.
 
-Codec. Measured on /work/shared/data (the JPEG-q75 rebuild, 186,282,035 bytes; ratios on 2,000 images of
+Codec. Measured on a JPEG-q75 rebuild of CIFAR-10 (186,282,035 bytes; ratios on 2,000 images of
 data_batch_1 unless noted):
 - lzma 9e on the raw pixels: 0.770 of the input; bz2 -9: 0.813. Pixels are high-entropy (7.9 bit/byte).
 - left / up delta then lzma: 0.675 / 0.654; median (LOCO-I) predictor: 0.610; gradient a+b-c clipped: 0.594.
