@@ -1,5 +1,6 @@
 """The recipe lab: the CPU proxy's configs and the candidate fast recipe stay runnable by the harness of today."""
 
+import dataclasses
 import glob
 import json
 import os
@@ -13,22 +14,48 @@ PROXY = sorted(glob.glob(os.path.join(ROOT, "bench", "proxy", "*.json")))
 REMOVED = {"local_crops_4x16.json"}  # levers deleted after their measurement (bench/NOTES.md)
 LIVE = [p for p in PROXY if os.path.basename(p) not in REMOVED]
 CANDIDATE = os.path.join(ROOT, "bench", "candidate_fast.json")
+# the levers an arm may change; the budget fields (epochs, checks) follow from its cost per epoch
+LEVERS = {"temperature", "base_lr", "warmup_epochs", "grayscale_p", "n_views", "low_res_px", "low_res_epochs"}
+BUDGETS = {"": 10, "_30ep": 30}  # file-name suffix -> reference epochs of compute: the short and the long budget
 
 
 def resolve(path, *flags):
     return ab.config_from_args(ab.build_parser().parse_args(["--config", path, *flags]), cuda_available=True)
 
 
+def budget_of(path):
+    stem = os.path.basename(path)[:-len(".json")]
+    return BUDGETS["_30ep" if stem.endswith("_30ep") else ""]
+
+
+def compute_in_reference_epochs(cfg):
+    """Training FLOPs of a run in reference epochs (two 32 px views): convolutions scale with the pixels of a view,
+    so an epoch costs n_views / 2 x (view px / 32)^2 of a reference epoch (the projector's share is negligible)."""
+    view_px = getattr(ab, "view_px", lambda cfg, epoch: 32)
+    return sum(getattr(cfg, "n_views", 2) / 2 * (view_px(cfg, e) / 32) ** 2 for e in range(cfg.epochs))
+
+
 @pytest.mark.parametrize("path", LIVE, ids=os.path.basename)
-def test_proxy_arms_are_the_protocol_plus_one_lever(path):
+def test_proxy_arms_are_the_protocol_plus_one_lever_at_equal_compute(path):
     cfg, sources = resolve(path)
     reference, _ = resolve(os.path.join(ROOT, "bench", "proxy", "reference.json"))
     # the protocol: width-8 ResNet18, 10,000 images, batch 256, one check at the end of an equal-compute budget
     assert (cfg.width, cfg.train_subset, cfg.batch_size, cfg.device, cfg.compile) == (8, 10_000, 256, "cpu", "off")
-    assert cfg.check_first_epoch == cfg.epochs == 10 and cfg.target_pct == 100.0
+    assert cfg.check_first_epoch == cfg.check_every_epochs == cfg.epochs and cfg.target_pct == 100.0
     assert json.load(open(path))["_description"] and sources["config_file"] == path
     changed = {k for k, v in vars(cfg).items() if getattr(reference, k) != v}
-    assert changed <= {"temperature", "base_lr", "warmup_epochs"}  # the levers that share the reference's budget
+    assert changed - {"epochs", "check_first_epoch", "check_every_epochs"} <= LEVERS
+    # equal compute: never more than the budget, and short of it by less than one reference epoch
+    assert budget_of(path) - 1 < compute_in_reference_epochs(cfg) <= budget_of(path) + 1e-9
+
+
+def test_budget_arithmetic_counts_views_and_pixels():
+    reference, _ = resolve(os.path.join(ROOT, "bench", "proxy", "reference.json"))
+    assert compute_in_reference_epochs(reference) == 10
+    if hasattr(ab, "view_px"):  # 4 views at 32 px cost 2 reference epochs; 16 px epochs a quarter of one
+        assert compute_in_reference_epochs(dataclasses.replace(reference, n_views=4, epochs=5)) == 10
+        low = dataclasses.replace(reference, low_res_px=16, low_res_epochs=8, epochs=16)
+        assert compute_in_reference_epochs(low) == 8 / 4 + 8
 
 
 def test_removed_levers_are_refused_with_their_field_named():
