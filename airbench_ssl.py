@@ -67,7 +67,6 @@ class Config:  # --help shows each field's comment (and the comment lines below 
     projector_hidden_dim: int = knob(1024, 1, 65536)  # projector: Linear(features, hidden), ReLU, Linear(hidden, out)
     projector_out_dim: int = knob(128, 1, 65536)  # dimension of the projections the loss compares
     temperature: float = knob(0.5, 1e-4, 1e3)  # InfoNCE softmax temperature
-    n_views: int = knob(2, 2, 16)  # views per image (over 2: every other view of the image is a positive)
     low_res_px: int = knob(32, 8, 32)  # progressive resolution: the views' size in the first low_res_epochs epochs
     low_res_epochs: int = knob(0, 0, 99_999)  # epochs at low_res_px, then 32 px (each size compiled and warmed up)
     batch_size: int = knob(512, 2, 1 << 20)  # images per step over all GPUs
@@ -100,6 +99,7 @@ CPU_DEMO = dict(width=16, train_subset=5000, batch_size=256, epochs=12, check_fi
 
 class HarnessError(Exception):  # bad input or a failed run: main() prints one line and exits non-zero
     pass
+
 def validate_config(cfg):
     for f in dataclasses.fields(cfg):  # config files are JSON: types are checked too
         value, choices = getattr(cfg, f.name), f.metadata.get("choices")
@@ -333,22 +333,20 @@ class SimCLRModel(nn.Module):
 make_model = SimCLRModel
 
 ########################### Loss ###########################
-def info_nce(z, temperature=0.5, n_views=2):
-    """SimCLR's loss as the reference computes it on V views stacked view-major (VN x d): cosine similarities, diagonal
-    masked, the other views of an image its positives (mean log-softmax, SupCon's form), mean over all VN rows."""
+def info_nce(z, temperature=0.5):
+    """SimCLR's loss as the reference computes it: z holds both views stacked (2N x d); cosine similarities over the
+    2N x 2N matrix, diagonal masked, the other view of each image is the positive; mean over all 2N rows."""
     z = F.normalize(z.float(), dim=1)
-    logits, rows = (z @ z.T / temperature).fill_diagonal_(float("-inf")), torch.arange(len(z), device=z.device)
-    if n_views == 2:  # the reference's own form, so a step equals its step bit for bit
-        return F.cross_entropy(logits, (rows + len(z) // 2) % len(z))
-    positive = ((rows[:, None] - rows[None]) % (len(z) // n_views) == 0).fill_diagonal_(False)
-    return -torch.where(positive, logits.log_softmax(1), 0.0).sum() / (len(z) * (n_views - 1))
-def gather_views(z, n_views=2):
-    """All views of every process's images, view-major over the global batch, with gradient: every process computes
+    logits = (z @ z.T / temperature).fill_diagonal_(float("-inf"))
+    return F.cross_entropy(logits, (torch.arange(len(z), device=z.device) + len(z) // 2) % len(z))
+
+def gather_views(z):
+    """Both views of every process's images, view-major over the global batch, with gradient: every process computes
     the one-GPU loss of the global batch; all_gather's backward sums their gradients, DDP averages: exactly its own."""
     if not dist.is_initialized():
         return z
     from torch.distributed.nn.functional import all_gather
-    return torch.cat([part.view(n_views, -1, z.shape[1]) for part in all_gather(z)], dim=1).flatten(0, 1)
+    return torch.cat([part.view(2, -1, z.shape[1]) for part in all_gather(z)], dim=1).flatten(0, 1)
 
 ######################## Evaluation ########################
 @torch.no_grad()
@@ -438,20 +436,21 @@ class Trainer:
                                          weight_decay=cfg.weight_decay, nesterov=cfg.nesterov,
                                          **({"fused": True} if device.type == "cuda" else {}))
         self.batch_sizes = epoch_batches(cfg, n_train, self.world_size)
-    def views(self, images_uint8, generator, size=32):  # -> n_views views, in the configured memory format
+    def views(self, images_uint8, generator, size=32):  # -> two views, in the configured memory format
         return [self.augment(images_uint8, draw_augment_params(len(images_uint8), generator, self.device), self.cfg,
-                             size).contiguous(memory_format=self.memory_format) for _ in range(self.cfg.n_views)]
+                             size).contiguous(memory_format=self.memory_format) for _ in range(2)]
     def update(self, views):  # one optimizer step on this process's views -> the global batch's loss, on the device
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             z = self.forward(views)
-        loss = info_nce(gather_views(z, self.cfg.n_views), self.cfg.temperature, self.cfg.n_views)
+        loss = info_nce(gather_views(z), self.cfg.temperature)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
         return loss.detach()
     def step(self, images_uint8, generator, size=32):
         return self.update(self.views(images_uint8, generator, size))
-    def warm_up(self):  # compile and autotune each batch shape on random images, then restore the state: trains nothing
+    def warm_up(self):
+        """Compile and autotune each batch shape on random images, then restore model and optimizer: trains nothing."""
         if self.cfg.compile_warmup_steps == 0 or (self.device.type == "cpu" and not self.compiled):
             return
         states = copy.deepcopy((self.model.state_dict(), self.optimizer.state_dict()))
@@ -460,12 +459,13 @@ class Trainer:
                              generator=generator)
         fake = fake[torch.randperm(len(fake), generator=generator, device=self.device)]  # the epoch's first shuffle
         sizes = {view_px(self.cfg, epoch) for epoch in (0, self.cfg.epochs - 1)}  # progressive resolution: two
-        for batch, size in sorted({(b, px) for b in self.batch_sizes for px in sizes}):
+        for batch, size in sorted({(b, px) for b in self.batch_sizes for px in sizes}):  # full and tail batch
             for _ in range(self.cfg.compile_warmup_steps):
                 self.step(fake[:batch // self.world_size], generator, size)
         synchronize(self.device)
         self.model.load_state_dict(states[0])
         self.optimizer.load_state_dict(states[1])
+
     def train_epoch(self, epoch, train_images, order_generator, augment_generator):
         """One pass in a fresh order, the same on every process -> (mean loss on the device: no host sync, first lr)."""
         order = torch.randperm(len(train_images), generator=order_generator, device=self.device)

@@ -30,8 +30,8 @@ def main(inputs_path, output_dir):
     out = dict(gather=[], trainer=[], split=[])
     for case in inputs.get("gather", []):
         z = case["local"][rank].clone().requires_grad_()
-        gathered = ab.gather_views(z, case["n_views"])
-        loss = ab.info_nce(gathered, case["temperature"], case["n_views"])
+        gathered = ab.gather_views(z)
+        loss = ab.info_nce(gathered, case["temperature"])
         loss.backward()
         out["gather"].append(dict(gathered=gathered.detach(), loss=loss.detach(), grad=z.grad))
     for case in inputs.get("trainer", []):

@@ -110,25 +110,24 @@ def error_lines(text):
 
 # --------------------------------------------------------------------------- inputs and their references
 
-GATHER_CASES = [dict(n=6, temperature=0.5, n_views=2), dict(n=4, temperature=0.2, n_views=2),
-                dict(n=4, temperature=0.5, n_views=3)]
+GATHER_CASES = [dict(n=6, temperature=0.5), dict(n=4, temperature=0.2)]
 BATCH, SEED = 8, 3
 TINY = dict(width=8, projector_hidden_dim=32, projector_out_dim=16, batch_size=BATCH, base_lr=2.0, momentum=0.9,
             weight_decay=5e-4, device="cpu", compile="off", bf16="off", channels_last="off", seed=SEED)
-TRAINER_CASES = [dict(), dict(temperature=0.2), dict(n_views=3)]
+TRAINER_CASES = [dict(), dict(temperature=0.2)]
 SPLIT_CASES = [(dict(batch_size=7), 14, "[7]"), (dict(batch_size=8), 20, None),
                (dict(batch_size=8), 21, "[5, 8]"), (dict(batch_size=8, drop_last=True), 21, None)]
 
 
-def shard(x, rank, n_views=2, world=WORLD):
-    """Rank `rank`'s rows of a view-major batch: its slice of the images, in every view, still view-major."""
-    per_view = x.view(n_views, len(x) // n_views, *x.shape[1:])
+def shard(x, rank, world=WORLD):
+    """Rank `rank`'s rows of a view-major batch: its slice of the images, in both views, still view-major."""
+    per_view = x.view(2, len(x) // 2, *x.shape[1:])
     n = per_view.shape[1] // world
     return per_view[:, rank * n:(rank + 1) * n].reshape(-1, *x.shape[1:])
 
 
 def global_z(case):
-    return torch.randn(case["n_views"] * case["n"], 5, generator=torch.Generator().manual_seed(case["n"])) * 2
+    return torch.randn(2 * case["n"], 5, generator=torch.Generator().manual_seed(case["n"])) * 2
 
 
 def trainer_config(case):
@@ -137,11 +136,11 @@ def trainer_config(case):
 
 def global_views(cfg):
     g = torch.Generator().manual_seed(SEED)
-    return [torch.rand(BATCH, 3, 32, 32, generator=g) for _ in range(cfg.n_views)]
+    return [torch.rand(BATCH, 3, 32, 32, generator=g) for _ in range(2)]
 
 
 def rank_views(cfg, rank):
-    """What rank `rank` makes from its half of the images: every view of them."""
+    """What rank `rank` makes from its half of the images: both views of them."""
     return [view[rank * BATCH // WORLD:(rank + 1) * BATCH // WORLD] for view in global_views(cfg)]
 
 
@@ -151,8 +150,8 @@ def cpu_job(tmp_path_factory):
     folder = str(tmp_path_factory.mktemp("dist"))
     inputs = dict(
         device="cpu",
-        gather=[dict(temperature=c["temperature"], n_views=c["n_views"],
-                     local=[shard(global_z(c), r, c["n_views"]) for r in range(WORLD)]) for c in GATHER_CASES],
+        gather=[dict(temperature=c["temperature"], local=[shard(global_z(c), r) for r in range(WORLD)])
+                for c in GATHER_CASES],
         trainer=[dict(config=dataclasses.asdict(trainer_config(c)), n_train=BATCH,
                       views=[rank_views(trainer_config(c), r) for r in range(WORLD)]) for c in TRAINER_CASES],
         split=[dict(config=dataclasses.asdict(ab.Config(**TINY | fields)), n_train=n) for fields, n, _ in SPLIT_CASES])
@@ -171,7 +170,7 @@ def one_step_reference(cfg, initial, per_shard_batchnorm=True, device="cpu"):
                        for view in views])
     else:
         z = torch.cat([head(view) for view in views])
-    loss = ab.info_nce(z, cfg.temperature, cfg.n_views)
+    loss = ab.info_nce(z, cfg.temperature)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.base_lr * cfg.batch_size / 256, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
     optimizer.zero_grad()
@@ -193,7 +192,7 @@ def test_gathered_projections_are_the_global_batch_view_major(cpu_job, index):
 @pytest.mark.parametrize("index", range(len(GATHER_CASES)))
 def test_loss_over_ranks_is_the_single_process_loss_of_the_global_batch(cpu_job, index):
     case = GATHER_CASES[index]
-    expected = ab.info_nce(global_z(case), case["temperature"], case["n_views"])
+    expected = ab.info_nce(global_z(case), case["temperature"])
     for rank in range(WORLD):
         torch.testing.assert_close(cpu_job[rank]["gather"][index]["loss"], expected, rtol=1e-6, atol=0)
 
@@ -205,11 +204,11 @@ def test_each_rank_gets_world_size_times_its_rows_of_the_global_gradient(cpu_job
     # ranks divides it out again (the one-step tests below check that end to end).
     case = GATHER_CASES[index]
     z = global_z(case).requires_grad_()
-    ab.info_nce(z, case["temperature"], case["n_views"]).backward()
+    ab.info_nce(z, case["temperature"]).backward()
     assert z.grad.abs().max() > 1e-3
     for rank in range(WORLD):
         torch.testing.assert_close(cpu_job[rank]["gather"][index]["grad"],
-                                   WORLD * shard(z.grad, rank, case["n_views"]), rtol=1e-5, atol=1e-7)
+                                   WORLD * shard(z.grad, rank), rtol=1e-5, atol=1e-7)
 
 
 # --------------------------------------------------------------------------- one Trainer step on 2 processes

@@ -577,10 +577,11 @@ def test_the_flop_floor_refuses_an_impossible_epoch_and_accepts_a_plausible_one(
         vf.check_time_floor(timed_log([floor / 7], world_size=1), backbone)
 
 
-def test_the_floor_follows_views_drop_last_and_progressive_resolution():
+def test_the_floor_follows_drop_last_and_progressive_resolution():
     backbone = ab.CifarResNet("resnet18", 8)
     base = vf.check_time_floor(timed_log([1.0]), backbone).fastest_floor_seconds
-    assert vf.check_time_floor(timed_log([1.0], n_views=4), backbone).fastest_floor_seconds == pytest.approx(2 * base)
+    # the harness trains two views: a log's other fields cannot lower the floor
+    assert vf.check_time_floor(timed_log([1.0], n_views=1), backbone).fastest_floor_seconds == pytest.approx(base)
     dropped = vf.check_time_floor(timed_log([1.0], batch_size=512, drop_last=True), backbone)
     assert dropped.trained_images_per_epoch == 50_000 - 50_000 % 512
     # A 16 px epoch costs a quarter (exactly, for this network): a time possible at 16 px is impossible at 32 px.
