@@ -14,7 +14,7 @@ PROXY = sorted(glob.glob(os.path.join(ROOT, "bench", "proxy", "*.json")))
 REMOVED = {"local_crops_4x16.json": "local_crops", "views_4_candidate.json": "n_views",
            "views_4_candidate_30ep.json": "n_views"}
 LIVE = [p for p in PROXY if os.path.basename(p) not in REMOVED]
-CANDIDATE = os.path.join(ROOT, "bench", "candidate_fast.json")
+CANDIDATES = [os.path.join(ROOT, "bench", name) for name in ("candidate_fast.json", "candidate_conservative.json")]
 # the levers an arm may change; the budget fields (epochs, checks) follow from its cost per epoch
 LEVERS = {"temperature", "base_lr", "warmup_epochs", "grayscale_p", "low_res_px", "low_res_epochs"}
 BUDGETS = {"": 10, "_30ep": 30}  # file-name suffix -> reference epochs of compute: the short and the long budget
@@ -68,14 +68,34 @@ def test_budget_arithmetic_counts_views_and_pixels():
     assert compute_in_reference_epochs(dict(low_res_px=16, low_res_epochs=8, epochs=16)) == 8 / 4 + 8
 
 
-def test_candidate_recipe_is_the_reference_race_with_the_proxys_winners():
-    cfg, _ = resolve(CANDIDATE)
-    notes = json.load(open(CANDIDATE))
-    assert "UNMEASURED ON A GPU" in notes["_description"] and "--config bench/candidate_fast.json" in notes["_command"]
-    assert (cfg.temperature, cfg.base_lr) == (0.2, 0.06) and 0 < cfg.warmup_epochs < cfg.epochs < ab.Config().epochs
+def reference_epochs_of_compute(cfg):  # a GPU recipe's training FLOPs, in epochs of the reference recipe
+    return compute_in_reference_epochs(vars(cfg))
+
+
+@pytest.mark.parametrize("path", CANDIDATES, ids=os.path.basename)
+def test_candidates_are_the_race_with_measured_winners_on_a_shorter_schedule(path):
+    cfg, _ = resolve(path)
+    notes = json.load(open(path))
+    assert "UNMEASURED ON A GPU" in notes["_description"] and notes["_evidence"] and notes["_unknowns"]
+    assert f"--config bench/{os.path.basename(path)}" in notes["_command"]
     # the race itself is untouched: full data, the target, kNN k=10, the reference's model and augmentation
     race = ("train_subset", "target_pct", "knn_k", "arch", "width", "batch_size", "crop_scale_min", "grayscale_p")
     assert all(getattr(cfg, name) == getattr(ab.Config(), name) for name in race)
+    reference = ab.Config()
+    changed = {k for k, v in vars(cfg).items() if getattr(reference, k) != v}
+    assert changed <= LEVERS | {"epochs", "check_first_epoch", "check_every_epochs"}
+    assert 0 < cfg.warmup_epochs < cfg.epochs and reference_epochs_of_compute(cfg) < reference.epochs
+    # every lever value a candidate sets was measured by a proxy arm that has logs (the schedule's lengths excepted)
+    measured = [json.load(open(arm)) for arm in LIVE
+                if glob.glob(os.path.join(ROOT, "bench", "proxy", "logs", os.path.basename(arm)[:-5], "*.json"))]
+    for field in changed & {"temperature", "base_lr", "grayscale_p", "low_res_px"}:
+        assert any(arm.get(field) == getattr(cfg, field) for arm in measured), field
+
+
+def test_the_conservative_candidate_trains_longer_than_the_fast_one():
+    fast, conservative = (resolve(path)[0] for path in CANDIDATES)
+    assert reference_epochs_of_compute(conservative) > reference_epochs_of_compute(fast)
+    assert conservative.epochs > fast.epochs and conservative.low_res_epochs <= fast.low_res_epochs
 
 
 def test_proxy_protocol_runs_end_to_end_at_tiny_size(fake_cifar_root, tmp_path, one_compute_thread):
