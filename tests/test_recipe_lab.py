@@ -68,10 +68,6 @@ def test_budget_arithmetic_counts_views_and_pixels():
     assert compute_in_reference_epochs(dict(low_res_px=16, low_res_epochs=8, epochs=16)) == 8 / 4 + 8
 
 
-def reference_epochs_of_compute(cfg):  # a GPU recipe's training FLOPs, in epochs of the reference recipe
-    return compute_in_reference_epochs(vars(cfg))
-
-
 @pytest.mark.parametrize("path", CANDIDATES, ids=os.path.basename)
 def test_candidates_are_the_race_with_measured_winners_on_a_shorter_schedule(path):
     cfg, _ = resolve(path)
@@ -84,7 +80,7 @@ def test_candidates_are_the_race_with_measured_winners_on_a_shorter_schedule(pat
     reference = ab.Config()
     changed = {k for k, v in vars(cfg).items() if getattr(reference, k) != v}
     assert changed <= LEVERS | {"epochs", "check_first_epoch", "check_every_epochs"}
-    assert 0 < cfg.warmup_epochs < cfg.epochs and reference_epochs_of_compute(cfg) < reference.epochs
+    assert 0 < cfg.warmup_epochs < cfg.epochs and compute_in_reference_epochs(vars(cfg)) < reference.epochs
     # every lever value a candidate sets was measured by a proxy arm that has logs (the schedule's lengths excepted)
     measured = [json.load(open(arm)) for arm in LIVE
                 if glob.glob(os.path.join(ROOT, "bench", "proxy", "logs", os.path.basename(arm)[:-5], "*.json"))]
@@ -94,7 +90,7 @@ def test_candidates_are_the_race_with_measured_winners_on_a_shorter_schedule(pat
 
 def test_the_conservative_candidate_trains_longer_than_the_fast_one():
     fast, conservative = (resolve(path)[0] for path in CANDIDATES)
-    assert reference_epochs_of_compute(conservative) > reference_epochs_of_compute(fast)
+    assert compute_in_reference_epochs(vars(conservative)) > compute_in_reference_epochs(vars(fast))
     assert conservative.epochs > fast.epochs and conservative.low_res_epochs <= fast.low_res_epochs
 
 

@@ -189,8 +189,26 @@ def marked_update(trainer: ab.Trainer, sessions: PartSessions) -> Iterator[None]
         del optimizer.zero_grad, optimizer.step  # the instance's own attributes: the class's methods show again
 
 
+def backend_problem(backend: str) -> str | None:
+    """-> why `backend` is not a torch.compile backend, or None."""
+    backends = torch._dynamo.list_backends(exclude_tags=())
+    if backend in backends:
+        return None
+    return f"--compile-backend {backend!r} is not a torch.compile backend; choose one of {', '.join(backends)}"
+
+
+def recompile(trainer: ab.Trainer, model_backend: str, augment_backend: str, mode: str | None = None) -> None:
+    """The compiled Trainer's own torch.compile calls again, for the model and for the augmentation, with another
+    backend or a mode (what is left at inductor and no mode keeps the Trainer's own compile)."""
+    options = dict(dynamic=False, **({"mode": mode} if mode else {}))
+    if model_backend != "inductor" or mode:
+        trainer.forward = torch.compile(trainer.model, backend=model_backend, **options)
+    if augment_backend != "inductor" or mode:
+        trainer.augment = torch.compile(ab.apply_augment, backend=augment_backend, **options)
+
+
 def run_step(trainer: ab.Trainer, images: torch.Tensor, generator: torch.Generator, profiled: bool) -> dict:
-    """One training step, part by part -> {part: counts}."""
+    """One training step, part by part -> {part: counts}; the augmentation's also says how many views it made."""
     sessions = PartSessions(trainer.device, profiled)
     try:
         sessions.switch("augmentation")
@@ -198,6 +216,7 @@ def run_step(trainer: ab.Trainer, images: torch.Tensor, generator: torch.Generat
         with marked_update(trainer, sessions):
             trainer.update(views)
         sessions.switch(None)
+        sessions.results["augmentation"]["views"] = len(views)
     finally:
         sessions.close()
     if tuple(sessions.seen) != PARTS:
@@ -214,10 +233,8 @@ def count_step(cfg: ab.Config, device: torch.device, compile_backend: str = "ind
     torch._dynamo.reset()  # compiled code of an earlier Trainer would be reused: nothing would count as generated
     torch.manual_seed(cfg.seed)
     trainer = ab.Trainer(cfg, device, cfg.batch_size)
-    if trainer.compiled and compile_backend != "inductor":  # the Trainer's own torch.compile call, another backend
-        trainer.forward = torch.compile(trainer.model, dynamic=False, backend=compile_backend)
-    if trainer.compiled and augment_backend != "inductor":
-        trainer.augment = torch.compile(ab.apply_augment, dynamic=False, backend=augment_backend)
+    if trainer.compiled:
+        recompile(trainer, compile_backend, augment_backend)
     generator = torch.Generator(device).manual_seed(0)
     images = torch.randint(0, 256, (cfg.batch_size, 3, 32, 32), dtype=torch.uint8, device=device,
                            generator=generator)
@@ -227,7 +244,7 @@ def count_step(cfg: ab.Config, device: torch.device, compile_backend: str = "ind
     counted = run_step(trainer, images, generator, profiled=True)
     parts = {part: dict(counted[part], generated=first[part]["generated"], graphs=first[part]["graphs"],
                         recompiles=second[part]["graphs"] + counted[part]["graphs"]) for part in PARTS}
-    n_views = 2  # the harness trains two views of each image
+    n_views = parts["augmentation"]["views"]
     total = {key: sum(p[key] for p in parts.values()) if parts["forward"][key] is not None else None
              for key in ("ops", "launching", "generated", "graphs", "recompiles", "device_kernels", "device_ms")}
     # the first view compiles the augmentation's graphs and every view runs all of them: its generated kernels are
@@ -301,8 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config_from(args)
         device = ab.resolve_device(cfg)
-        if args.compile_backend not in torch._dynamo.list_backends(exclude_tags=()):
-            raise ab.HarnessError(f"--compile-backend {args.compile_backend!r} is not a torch.compile backend")
+        if problem := backend_problem(args.compile_backend):
+            raise ab.HarnessError(problem)
         if args.json:
             ab.check_writable(os.path.dirname(os.path.abspath(args.json)), "--json's folder")
     except ab.HarnessError as error:

@@ -144,10 +144,8 @@ def measure_peak(device: torch.device, tiny: bool) -> dict:
 def build_trainer(rung: Rung, device: torch.device, n_train: int, compile_backend: str) -> ab.Trainer:
     """The harness's Trainer for the rung: its own torch.compile calls, or the same with another backend or mode."""
     trainer = ab.Trainer(rung.cfg, device, n_train)
-    if trainer.compiled and (compile_backend != "inductor" or rung.mode):
-        options = dict(dynamic=False, backend=compile_backend, **({"mode": rung.mode} if rung.mode else {}))
-        trainer.forward = torch.compile(trainer.model, **options)
-        trainer.augment = torch.compile(ab.apply_augment, **options)
+    if trainer.compiled:
+        count_kernels.recompile(trainer, compile_backend, compile_backend, rung.mode)
     if rung.eager_augment:
         trainer.augment = ab.apply_augment
     return trainer
@@ -424,11 +422,7 @@ def check_args(args: argparse.Namespace) -> str | None:
         return f"--steps {args.steps} must be at least 1"
     if not args.reference_timeout > 0:
         return f"--reference-timeout {args.reference_timeout} must be positive"
-    backends = torch._dynamo.list_backends(exclude_tags=())
-    if args.compile_backend not in backends:
-        return f"--compile-backend {args.compile_backend!r} is not a torch.compile backend; choose one of " \
-               f"{', '.join(backends)}"
-    return None
+    return count_kernels.backend_problem(args.compile_backend)
 
 
 def run_sections(args: argparse.Namespace, device: torch.device, base: ab.Config, results: Results) -> None:

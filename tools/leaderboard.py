@@ -1455,7 +1455,7 @@ def view_sizes(run: Run) -> list[int]:
 def _floor_problems(run: Run, floor: dict[str, Any]) -> list[str]:
     peak, known = verify.gpu_peak(run.gpu_model)
     expected = {"gpu": peak.model, "gpu_known": known, "peak_tflops": peak.tflops, "world_size": run.world_size,
-                "n_views": 2,
+                "n_views": verify.TRAINED_VIEWS,
                 "trained_images_per_epoch": trained_images_per_epoch(run.config)}
     differ = [f"{key} {_short(floor[key])} (expected {_short(value)})" for key, value in expected.items()
               if not _same_value(floor[key], value)]

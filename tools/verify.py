@@ -521,6 +521,9 @@ def forward_flops(backbone: nn.Module, px: int) -> int:
     return int(counter.get_total_flops() * (px * px) / (size * size))
 
 
+TRAINED_VIEWS = 2  # views of each image the harness trains on: the floor's count, whatever a log's config says
+
+
 @dataclasses.dataclass(frozen=True)
 class TimeFloor:
     gpu_name: str | None  # as logged
@@ -555,7 +558,7 @@ def check_time_floor(log: dict, backbone: nn.Module) -> TimeFloor:
     config, environment = log.get("config"), log.get("environment")
     if not isinstance(config, dict) or not isinstance(environment, dict) or not isinstance(log.get("epochs"), list):
         raise VerifyError("log", "it lacks config, environment or epochs")
-    n_views = 2  # the harness trains two views of each image
+    n_views = TRAINED_VIEWS
     world_size = _int_field(environment, "world_size", "environment", default=1)
     train_subset, batch_size = _int_field(config, "train_subset", "config"), _int_field(config, "batch_size", "config")
     if world_size < 1 or batch_size < 1:
