@@ -94,7 +94,7 @@ class Config:  # --help shows each field's comment (and the comment lines below 
     save_model: str = knob("weights", choices=("weights", "export", "false"))  # the trained backbone beside the log,
     # for tools/leaderboard.py verify: its weights, or a torch.export program (a changed architecture); false: none
 
-# What a no-GPU machine runs by default: a narrow ResNet18 on a training subset, sized for ~3.5 min on 2 cores.
+# What a no-GPU machine runs by default: a narrow ResNet18 on a training subset, sized for ~4 min on 2 cores.
 CPU_DEMO = dict(width=16, train_subset=5000, batch_size=256, epochs=12, check_first_epoch=0, check_every_epochs=12)
 
 class HarnessError(Exception):  # bad input or a failed run: main() prints one line and exits non-zero
